@@ -1,0 +1,182 @@
+"""Settings: one frozen dataclass read from ``TOKENRELAY_*`` environment variables.
+
+Every variable is named here and nowhere else; a bad value fails loudly at start with the
+variable's name. The upstream API key is kept out of ``repr`` and is never written anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Final, TypeVar
+
+from producer.protocol import DEFAULT_PREFIX, DIALECTS, ProtocolError, validate_prefix
+
+DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
+DEFAULT_UPSTREAM_URL: Final = "https://api.together.xyz"
+DEFAULT_DIALECT: Final = "together"
+DEFAULT_MODEL: Final = "mistralai/Mixtral-8x7B-v0.1"
+DEFAULT_JOB_TTL: Final = 3600
+DEFAULT_MAX_PROMPT_BYTES: Final = 1024 * 1024
+DEFAULT_JOB_DEADLINE: Final = 900.0
+DEFAULT_CONNECT_TIMEOUT: Final = 5.0
+DEFAULT_READ_TIMEOUT: Final = 60.0
+DEFAULT_LEASE_SECONDS: Final = 10.0
+DEFAULT_MAX_ATTEMPTS: Final = 3
+DEFAULT_SHUTDOWN_GRACE: Final = 30.0
+
+#: Every environment variable the settings read, for checks of deployment files.
+ENV_PREFIX: Final = "TOKENRELAY_"
+
+
+class SettingsError(ValueError):
+    """A ``TOKENRELAY_*`` variable has a value that cannot be used."""
+
+
+T = TypeVar("T")
+
+
+def _parse(env: Mapping[str, str], name: str, default: T, convert: Callable[[str], T]) -> T:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return convert(raw)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"{name}: {exc}") from None
+
+
+def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
+    def convert(raw: str) -> T:
+        value = kind(raw)
+        if not value > 0:  # type: ignore[operator]
+            raise ValueError(f"must be greater than 0, got {raw!r}")
+        return value
+
+    return convert
+
+
+def _dialect(raw: str) -> str:
+    if raw not in DIALECTS:
+        raise ValueError(f"unknown dialect {raw!r}; expected one of {', '.join(DIALECTS)}")
+    return raw
+
+
+def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
+    def convert(raw: str) -> str:
+        if raw.split("://", 1)[0] not in schemes or "://" not in raw:
+            raise ValueError(f"expected a URL starting with {' or '.join(s + '://' for s in schemes)}")
+        return raw
+
+    return convert
+
+
+def _prefix(raw: str) -> str:
+    try:
+        return validate_prefix(raw)
+    except ProtocolError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _read_key(env: Mapping[str, str]) -> str | None:
+    key = env.get("TOKENRELAY_UPSTREAM_API_KEY") or env.get("TOGETHER_API_KEY")
+    path = env.get("TOKENRELAY_UPSTREAM_API_KEY_FILE")
+    if not key and path:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                key = handle.read().strip()
+        except OSError as exc:
+            raise SettingsError(
+                f"TOKENRELAY_UPSTREAM_API_KEY_FILE: cannot read the file: {exc.strerror}"
+            ) from None
+    return key or None
+
+
+_REDIS_SCHEMES: Final = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole configuration of producers, workers and the gateway."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    broker_url: str = DEFAULT_REDIS_URL
+    prefix: str = DEFAULT_PREFIX
+    upstream_url: str = DEFAULT_UPSTREAM_URL
+    upstream_dialect: str = DEFAULT_DIALECT
+    upstream_api_key: str | None = field(default=None, repr=False, compare=False)
+    default_model: str = DEFAULT_MODEL
+    job_ttl: int = DEFAULT_JOB_TTL
+    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES
+    job_deadline: float = DEFAULT_JOB_DEADLINE
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read every ``TOKENRELAY_*`` variable, failing with the variable's name."""
+        env = os.environ if env is None else env
+        redis_url = _parse(env, "TOKENRELAY_REDIS_URL", DEFAULT_REDIS_URL, _url(_REDIS_SCHEMES))
+        return cls(
+            redis_url=redis_url,
+            broker_url=_parse(env, "TOKENRELAY_BROKER_URL", redis_url, str),
+            prefix=_parse(env, "TOKENRELAY_PREFIX", DEFAULT_PREFIX, _prefix),
+            upstream_url=_parse(
+                env, "TOKENRELAY_UPSTREAM_URL", DEFAULT_UPSTREAM_URL, _url(("http", "https"))
+            ).rstrip("/"),
+            upstream_dialect=_parse(env, "TOKENRELAY_UPSTREAM_DIALECT", DEFAULT_DIALECT, _dialect),
+            upstream_api_key=_read_key(env),
+            default_model=_parse(env, "TOKENRELAY_DEFAULT_MODEL", DEFAULT_MODEL, str),
+            job_ttl=_parse(env, "TOKENRELAY_JOB_TTL", DEFAULT_JOB_TTL, _positive(int)),
+            max_prompt_bytes=_parse(
+                env, "TOKENRELAY_MAX_PROMPT_BYTES", DEFAULT_MAX_PROMPT_BYTES, _positive(int)
+            ),
+            job_deadline=_parse(
+                env, "TOKENRELAY_JOB_DEADLINE", DEFAULT_JOB_DEADLINE, _positive(float)
+            ),
+            connect_timeout=_parse(
+                env, "TOKENRELAY_UPSTREAM_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT, _positive(float)
+            ),
+            read_timeout=_parse(
+                env, "TOKENRELAY_UPSTREAM_READ_TIMEOUT", DEFAULT_READ_TIMEOUT, _positive(float)
+            ),
+            lease_seconds=_parse(
+                env, "TOKENRELAY_LEASE_SECONDS", DEFAULT_LEASE_SECONDS, _positive(float)
+            ),
+            max_attempts=_parse(env, "TOKENRELAY_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, _positive(int)),
+            shutdown_grace=_parse(
+                env, "TOKENRELAY_SHUTDOWN_GRACE", DEFAULT_SHUTDOWN_GRACE, _positive(float)
+            ),
+        )
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Broker visibility timeout: longer than the longest job may run, so no double run."""
+        return int(self.job_deadline + self.shutdown_grace + 3600)
+
+
+#: The variables ``Settings.from_env`` reads (for checks of deployment files).
+KNOWN_VARIABLES: Final = frozenset(
+    {
+        "TOKENRELAY_REDIS_URL",
+        "TOKENRELAY_BROKER_URL",
+        "TOKENRELAY_PREFIX",
+        "TOKENRELAY_UPSTREAM_URL",
+        "TOKENRELAY_UPSTREAM_DIALECT",
+        "TOKENRELAY_UPSTREAM_API_KEY",
+        "TOKENRELAY_UPSTREAM_API_KEY_FILE",
+        "TOKENRELAY_DEFAULT_MODEL",
+        "TOKENRELAY_JOB_TTL",
+        "TOKENRELAY_MAX_PROMPT_BYTES",
+        "TOKENRELAY_JOB_DEADLINE",
+        "TOKENRELAY_UPSTREAM_CONNECT_TIMEOUT",
+        "TOKENRELAY_UPSTREAM_READ_TIMEOUT",
+        "TOKENRELAY_LEASE_SECONDS",
+        "TOKENRELAY_MAX_ATTEMPTS",
+        "TOKENRELAY_SHUTDOWN_GRACE",
+    }
+)
