@@ -1,0 +1,259 @@
+"""The HTTP side of an upstream stream: requests for the call, sseclient-py for the events.
+
+One pooled ``requests.Session`` per worker process. The response is read in the chunks the network
+delivers (``read1``), never byte by byte, and a hook runs before each blocking read so the caller
+can publish everything that arrived in the last one. ``UpstreamStream.abort`` may be called from
+another thread or greenlet: it shuts the socket down, which wakes a blocked read at once.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Final
+
+import requests
+import sseclient
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+
+from producer.spec import JobSpec
+from worker.dialects import DONE, Continuation, Delta, Dialect
+from worker.errors import (
+    UpstreamDisconnected,
+    UpstreamHTTPError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+
+READ_SIZE: Final = 64 * 1024
+_ERROR_BODY_LIMIT: Final = 64 * 1024
+_USER_AGENT: Final = "tokenrelay"
+
+
+class UpstreamClient:
+    """A pooled HTTP client for one upstream, shared by every stream of a worker process."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        pool_size: int = 256,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    def __repr__(self) -> str:  # never show the key
+        return f"UpstreamClient({self.base_url!r})"
+
+    def open(
+        self,
+        dialect: Dialect,
+        spec: JobSpec,
+        done: Continuation,
+        *,
+        before_read: Callable[[], None],
+        read_timeout: float | None = None,
+    ) -> UpstreamStream:
+        """Send the job's request; raise an ``UpstreamError`` unless the stream began."""
+        headers = {"Accept": "text/event-stream", "User-Agent": _USER_AGENT}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        timeout = (self.connect_timeout, read_timeout or self.read_timeout)
+        try:
+            response = self.session.post(
+                self.base_url + dialect.path,
+                json=dialect.build(spec, done),
+                headers=headers,
+                stream=True,
+                timeout=timeout,
+            )
+        except requests.exceptions.ConnectTimeout:
+            raise UpstreamUnavailable("could not connect to the upstream: timed out") from None
+        except requests.exceptions.Timeout:
+            raise UpstreamTimeout(
+                f"the upstream sent no response headers for {timeout[1]:g} s"
+            ) from None
+        except requests.exceptions.RequestException as exc:
+            raise UpstreamUnavailable(
+                f"could not connect to the upstream at {self.base_url}: {_reason(exc)}"
+            ) from None
+        if response.status_code >= 400:
+            raise _http_error(response, self._api_key)
+        return UpstreamStream(response, dialect, before_read, timeout[1])
+
+    def close(self) -> None:
+        self.session.close()
+
+
+class UpstreamStream:
+    """One open streaming response, iterated as ``Delta``s."""
+
+    def __init__(
+        self,
+        response: requests.Response,
+        dialect: Dialect,
+        before_read: Callable[[], None],
+        read_timeout: float,
+    ) -> None:
+        self.response = response
+        self.dialect = dialect
+        self._before_read = before_read
+        self._read_timeout = read_timeout
+        self._sock = _socket_of(response)
+
+    def deltas(self) -> Iterator[Delta]:
+        """Every delta until the stream's end marker; raise an ``UpstreamError`` on failure."""
+        return parse_stream(self._chunks(), self.dialect)
+
+    def _chunks(self) -> Iterator[bytes]:
+        raw = self.response.raw
+        while True:
+            self._before_read()
+            try:
+                data = raw.read1(READ_SIZE)
+            except (urllib3.exceptions.ReadTimeoutError, TimeoutError):
+                raise UpstreamTimeout(
+                    f"the upstream sent nothing for {self._read_timeout:g} s"
+                ) from None
+            except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+                raise UpstreamDisconnected(
+                    f"the upstream connection broke mid-stream: {_reason(exc)}"
+                ) from None
+            if not data:
+                return
+            yield data
+
+    def abort(self) -> None:
+        """Wake and end a read blocked in another thread or greenlet; safe to call twice."""
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.abort()
+        self.response.close()
+
+
+def parse_stream(chunks: Iterable[bytes], dialect: Dialect) -> Iterator[Delta]:
+    """Turn a response body, in whatever chunks it arrives, into deltas. Pure apart from the
+    chunks' own I/O: SSE framing by sseclient-py, NDJSON by lines."""
+    if dialect.framing == "ndjson":
+        payloads = _lines(chunks)
+    else:
+        payloads = (event.data for event in sseclient.SSEClient(chunks).events())
+    for data in payloads:
+        delta = dialect.parse(data)
+        if delta is DONE:
+            return
+        yield delta
+    if dialect.needs_done:
+        raise UpstreamDisconnected("the upstream closed the stream before it finished")
+
+
+def _lines(chunks: Iterable[bytes]) -> Iterator[str]:
+    """Newline-delimited JSON framing (Ollama): complete lines only, decoded as UTF-8."""
+    buffer = b""
+    for chunk in chunks:
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            if line.strip():
+                yield _decode(line)
+    if buffer.strip():
+        yield _decode(buffer)
+
+
+def _decode(line: bytes) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UpstreamProtocolError("the upstream sent a line that is not UTF-8") from None
+
+
+def _socket_of(response: requests.Response) -> socket.socket | None:
+    """The response's socket, to shut it down from another greenlet (urllib3 2.x)."""
+    connection = getattr(response.raw, "_connection", None)
+    sock = getattr(connection, "sock", None)
+    if sock is None:
+        fp = getattr(getattr(response.raw, "_fp", None), "fp", None)
+        sock = getattr(getattr(fp, "raw", None), "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def _reason(exc: BaseException) -> str:
+    # The innermost cause names the real problem (refused, reset, name lookup) without the
+    # request's headers, which could hold the key.
+    while exc.__context__ is not None and not isinstance(exc, OSError):
+        exc = exc.__context__
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return type(exc).__name__
+
+
+def _http_error(response: requests.Response, api_key: str | None) -> UpstreamHTTPError:
+    status = response.status_code
+    try:
+        body = response.raw.read(_ERROR_BODY_LIMIT, decode_content=True)
+    except (urllib3.exceptions.HTTPError, OSError):
+        body = b""
+    finally:
+        response.close()
+    message = _error_message(body) or response.reason or "no message"
+    if api_key:
+        message = message.replace(api_key, "[redacted]")
+    return UpstreamHTTPError(
+        f"upstream answered HTTP {status}: {message[:500]}",
+        status=status,
+        retry_after=retry_after(response.headers),
+    )
+
+
+def _error_message(body: bytes) -> str:
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        obj: Any = json.loads(text)
+    except ValueError:
+        return text[:500]
+    if isinstance(obj, dict):
+        error = obj.get("error", obj)
+        if isinstance(error, dict):
+            return str(error.get("message") or error.get("type") or text)[:500]
+        return str(error)[:500]
+    return text[:500]
+
+
+def retry_after(headers: Any) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(0.0, float(millis) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
