@@ -1,0 +1,43 @@
+"""Redis clients with the retry policy every tokenrelay process shares.
+
+A dropped connection is retried with exponential backoff and jitter for about half a minute, so
+a Redis restart or a killed connection costs a pause, not a job. Commands that are retried are
+idempotent by construction (the scripts skip seqs already published).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+RETRIES: Final = 25
+_RETRY_ON: Final = [RedisConnectionError, RedisTimeoutError, ConnectionResetError]
+
+
+def _options(max_connections: int | None) -> dict[str, Any]:
+    return {
+        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), RETRIES),
+        "retry_on_error": list(_RETRY_ON),
+        "health_check_interval": 30,
+        "socket_keepalive": True,
+        "max_connections": max_connections,
+    }
+
+
+def sync_redis(url: str, *, max_connections: int | None = None) -> redis.Redis:
+    """A blocking client (cooperative under gevent) for ``url``."""
+    return redis.Redis.from_url(url, **_options(max_connections))
+
+
+def async_redis(url: str, *, max_connections: int | None = None) -> redis.asyncio.Redis:
+    """An asyncio client for ``url``."""
+    options = _options(max_connections)
+    options["retry"] = AsyncRetry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), RETRIES)
+    return redis.asyncio.Redis.from_url(url, **options)

@@ -1,0 +1,110 @@
+"""Lua scripts that change a job's keys atomically. Standard library only: sources, not clients.
+
+Each script touches the keys of one job only (one hash slot), so they run on Redis Cluster too.
+Every script is idempotent where a retry after a lost reply can happen:
+
+- ``CREATE``   producer: create the job's state unless it exists.
+- ``CLAIM``    worker: take the job for a new attempt unless it is finished or its lease is live.
+- ``PUBLISH``  worker: append events to the log and the channel, only while holding the job
+               (fencing), skipping seqs already published, optionally ending the job.
+- ``RENEW``    worker: extend the lease while holding the job; report a cancel request.
+- ``CANCEL``   anyone: end a queued job at once, or flag a running one for its worker.
+- ``RELEASE``  worker: give a job back to the queue (graceful shutdown), keeping its log.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# KEYS: state. ARGV: created_ms, ttl, then field/value pairs.
+# Returns 1 if created, 0 if the job existed already.
+CREATE: Final = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], 'status', 'queued', 'created', ARGV[1], 'attempt', 0, 'seq', -1)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS: state, lease. ARGV: owner, lease_ms, now_ms.
+# Returns {outcome, attempt, last_seq, cancel_flag}; outcome in claimed|missing|finished|busy.
+CLAIM: Final = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'missing', 0, -1, 0} end
+if status == 'done' or status == 'error' or status == 'cancelled' then
+  return {'finished', 0, -1, 0}
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'busy', 0, -1, 0} end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('HSET', KEYS[1], 'status', 'running', 'owner', ARGV[1], 'started', ARGV[3], 'tokens', 0)
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1')
+local cancel = redis.call('HEXISTS', KEYS[1], 'cancel')
+return {'claimed', attempt, seq, cancel}
+"""
+
+# KEYS: state, log, channel, lease.
+# ARGV: owner, lease_ms, publish command, ttl, tokens added, n (number of final field args),
+#       n final field/value args, then seq/payload pairs.
+# With n > 0 the batch ends the job: status and the final fields are written, the lease is
+# dropped and the keys expire after ttl. Returns -1 if not the owner, else the cancel flag.
+PUBLISH: Final = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return -1 end
+local last = tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1')
+local n = tonumber(ARGV[6])
+for i = 7 + n, #ARGV, 2 do
+  local seq = tonumber(ARGV[i])
+  if seq > last then
+    redis.call('XADD', KEYS[2], '0-' .. (seq + 1), 'e', ARGV[i + 1])
+    redis.call(ARGV[3], KEYS[3], ARGV[i + 1])
+    last = seq
+  end
+end
+redis.call('HSET', KEYS[1], 'seq', last)
+if ARGV[5] ~= '0' then redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[5]) end
+if n > 0 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 7, 6 + n))
+  redis.call('HDEL', KEYS[1], 'owner')
+  redis.call('DEL', KEYS[4])
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+  return 0
+end
+return redis.call('HEXISTS', KEYS[1], 'cancel')
+"""
+
+# KEYS: state, lease. ARGV: owner, lease_ms. Returns -1 if the lease is lost, else cancel flag.
+RENEW: Final = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return -1 end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return redis.call('HEXISTS', KEYS[1], 'cancel')
+"""
+
+# KEYS: state, log, channel. ARGV: publish command, ttl, now_ms, job id, event payload prefix.
+# Returns the status the job had: a queued job ends here with a `cancelled` event; a running one
+# is flagged for its worker; a finished one is left alone.
+CANCEL: Final = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return false end
+if status == 'queued' then
+  local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1') + 1
+  local event = ARGV[5] .. seq .. ',"type":"cancelled"}'
+  redis.call('XADD', KEYS[2], '0-' .. (seq + 1), 'e', event)
+  redis.call(ARGV[1], KEYS[3], event)
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'seq', seq, 'finished', ARGV[3], 'cancel', 1)
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+elseif status == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel', 1)
+end
+return status
+"""
+
+# KEYS: state, lease. ARGV: owner. Hands a running job back: queued again, lease dropped.
+RELEASE: Final = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'queued')
+redis.call('HDEL', KEYS[1], 'owner')
+redis.call('DEL', KEYS[2])
+return 1
+"""

@@ -1,0 +1,35 @@
+"""The Celery app: the only place Celery is configured.
+
+Start a worker the Celery way: ``celery -A worker worker -P gevent -c 200``. Settings come from
+``TOKENRELAY_*`` variables (``producer.settings``).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from producer.protocol import Keys
+from producer.settings import Settings
+
+settings = Settings.from_env()
+
+app = Celery("tokenrelay", broker=settings.broker_url, include=["worker.tasks"])
+app.conf.update(
+    task_serializer="json",
+    accept_content=["json"],
+    result_serializer="json",
+    task_ignore_result=True,
+    result_backend=None,
+    task_default_queue=Keys(settings.prefix).queue,
+    # A job is acknowledged only after it ended, and re-delivered if its worker died.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    # Longer than any job may run, so the broker never hands a running job to a second worker.
+    broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+    worker_cancel_long_running_tasks_on_connection_loss=True,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+    worker_send_task_events=False,
+    task_send_sent_event=False,
+)

@@ -1,0 +1,23 @@
+"""The Celery task ``tokenrelay.stream``: thin, it hands the job to the runner."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from producer.protocol import TASK_NAME, ProtocolError, validate_job_id
+from worker.app import app
+from worker.runner import run_job
+from worker.runtime import Runtime, log
+
+
+@app.task(name=TASK_NAME, ignore_result=True)  # type: ignore[untyped-decorator]
+def stream(job_id: str, spec: Mapping[str, Any] | None = None) -> str:
+    """Stream job ``job_id``; ``spec`` is its request (read from the job's state if omitted)."""
+    try:
+        validate_job_id(job_id)
+    except ProtocolError:
+        # No key can be built from a bad id: nothing to publish to, so refuse loudly here.
+        log.error("refused a job with an invalid id %r", str(job_id)[:80])
+        return "invalid"
+    return run_job(Runtime.get(), job_id, spec)
