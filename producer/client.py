@@ -284,14 +284,24 @@ class Job:
     def __init__(self, client: Client, job_id: str, after: int = -1) -> None:
         self.client = client
         self.id = job_id
+        self._after = after
         self.subscription = Subscription(client, job_id, after)
         self.transcript = Transcript()
+        self._read = False
 
     def __repr__(self) -> str:
         return f"Job({self.id!r})"
 
     def events(self, timeout: float | None = None) -> Iterator[Event]:
-        """Every event up to the terminal one (see ``Subscription.events``)."""
+        """Every event up to the terminal one (see ``Subscription.events``).
+
+        Each call reads the job afresh (the first one through the subscription opened at
+        submit), so iterating a job twice gives the same events twice.
+        """
+        if self._read:
+            self.subscription = Subscription(self.client, self.id, self._after)
+        self._read = True
+        self.transcript = Transcript()
         for event in self.subscription.events(timeout):
             self.transcript.add(event)
             yield event

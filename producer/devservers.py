@@ -184,11 +184,14 @@ def redis_answers(url: str) -> bool:
 
 
 def http_answers(url: str) -> bool:
+    import urllib.error
     import urllib.request
 
     try:
         with urllib.request.urlopen(url, timeout=0.5) as response:  # noqa: S310 - loopback
             return bool(response.status < 500)
+    except urllib.error.HTTPError as exc:
+        return exc.code < 500  # it answered, if only to refuse (e.g. 401 without a key)
     except OSError:
         return False
 

@@ -1,0 +1,268 @@
+"""The core pipeline end to end: a real redis-server, a real gevent Celery worker, the mock
+upstream over HTTP, and the producer library reading what a user would read."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+import requests
+
+from producer import Client, EventType, JobFailedError, Status
+from producer.mock_upstream import generate
+from producer.protocol import Event
+from tests.conftest import Fleet, Mock, marker
+
+DIALECT_ROUTES = {
+    "together": "/inference",
+    "openai-completions": "/v1/completions",
+    "openai-chat": "/v1/chat/completions",
+    "tgi": "/generate",
+    "ollama": "/api/generate",
+}
+
+
+def non_streamed_text(mock: Mock, api_key: str, dialect: str, prompt: str, max_tokens: int,
+                      stop: list[str] | None = None) -> str:  # fmt: skip
+    """What the mock upstream answers for the same request without streaming."""
+    body: dict[str, Any] = {"model": "mock", "max_tokens": max_tokens}
+    if dialect == "openai-chat":
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    if stop:
+        body["stop"] = stop
+    if dialect == "tgi":
+        body = {"inputs": prompt, "parameters": {"max_new_tokens": max_tokens, "stop": stop or []}}
+    if dialect == "ollama":
+        body = {"model": "mock", "prompt": prompt, "stream": False,
+                "options": {"num_predict": max_tokens, "stop": stop or []}}  # fmt: skip
+    response = requests.post(
+        mock.url + DIALECT_ROUTES[dialect],
+        json=body,
+        headers={"Authorization": f"Bearer {api_key}"},
+        timeout=10,
+    )
+    response.raise_for_status()
+    data = response.json()
+    if dialect == "openai-chat":
+        return str(data["choices"][0]["message"]["content"])
+    if dialect == "tgi":
+        return str(data["generated_text"])
+    if dialect == "ollama":
+        return str(data["response"])
+    return str(data["choices"][0]["text"])
+
+
+def assert_well_formed(events: list[Event], job_id: str) -> None:
+    assert [e.seq for e in events] == list(range(len(events))), "seq must run 0..n with no gap"
+    assert all(e.job == job_id for e in events)
+    terminal = [e for e in events if e.terminal]
+    assert len(terminal) == 1 and events[-1].terminal, "exactly one terminal event, last"
+    assert events[0].type is EventType.START
+
+
+def token_text(events: list[Event]) -> str:
+    return "".join(e.text for e in events if e.type is EventType.TOKEN)
+
+
+@pytest.mark.parametrize("dialect", list(DIALECT_ROUTES))
+def test_each_dialect_reassembles_exactly_the_upstream_text(
+    client: Client, mock: Mock, api_key: str, dialect: str
+) -> None:
+    prompt = marker(dialect) + " Alan Turing was"
+    job = client.submit(prompt=prompt, dialect=dialect, max_tokens=40, follow=True)
+    events = list(job.events(timeout=30))
+
+    assert_well_formed(events, job.id)
+    expected = non_streamed_text(mock, api_key, dialect, prompt, 40)
+    assert token_text(events) == expected
+    assert len(expected) > 40  # the mock's vocabulary includes multi-byte characters
+    done = events[-1]
+    assert done.type is EventType.DONE
+    assert done.fields["finish_reason"] == "length"
+    if dialect != "tgi":
+        assert done.fields["usage"]["completion_tokens"] == 40
+    state = client.status(job.id)
+    assert state.status is Status.DONE
+    assert state.tokens == 40
+
+
+def test_stop_sequence_ends_the_job_with_finish_reason_stop(client: Client) -> None:
+    prompt = marker("stop") + " The"
+    tokens, _ = generate(prompt, 30)
+    stop = tokens[10].strip() or tokens[11].strip()
+    job = client.submit(prompt=prompt, max_tokens=30, stop=[stop], follow=True)
+    events = list(job.events(timeout=30))
+    expected, finish = generate(prompt, 30, [stop])
+    assert token_text(events) == "".join(expected)
+    assert finish == "stop" and events[-1].fields["finish_reason"] == "stop"
+
+
+def test_readers_that_join_early_midway_and_late_get_identical_events(client: Client) -> None:
+    early = client.submit(prompt=marker("early"), model="mock?delay_ms=25", max_tokens=40,
+                          follow=True)  # fmt: skip
+    other = client.submit(prompt=marker("other"), model="mock?delay_ms=20", max_tokens=40,
+                          follow=True)  # fmt: skip
+    seen: dict[str, list[Event]] = {}
+
+    def read(name: str, job: Any) -> None:
+        seen[name] = list(job.events(timeout=30))
+
+    threads = [threading.Thread(target=read, args=("early", early)),
+               threading.Thread(target=read, args=("other", other))]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    log_key = client.keys.log(early.id)
+    deadline = time.monotonic() + 20
+    while client.redis.xlen(log_key) < 10:
+        assert time.monotonic() < deadline, "the job never produced 10 events"
+        time.sleep(0.01)
+    midway = client.subscribe(early.id)
+    threads.append(threading.Thread(target=read, args=("midway", midway)))
+    threads[-1].start()
+    for thread in threads:
+        thread.join(40)
+    late = list(client.subscribe(early.id).events(timeout=10))
+
+    assert_well_formed(seen["early"], early.id)
+    assert seen["early"] == seen["midway"] == late
+    assert seen["early"][-1].type is EventType.DONE
+    # Two jobs at once never mix: each has exactly its own prompt's tokens.
+    assert token_text(seen["early"]) == "".join(generate(marker_of(early, client), 40)[0])
+    assert token_text(seen["other"]) == "".join(generate(marker_of(other, client), 40)[0])
+    assert_well_formed(seen["other"], other.id)
+
+
+def marker_of(job: Any, client: Client) -> str:
+    import json
+
+    spec = json.loads(client.redis.hget(client.keys.state(job.id), "spec"))
+    return str(spec["prompt"])
+
+
+def test_fifty_jobs_at_once_complete_and_run_concurrently(client: Client) -> None:
+    prompts = [marker(f"many{i}") for i in range(50)]
+    jobs = [client.submit(prompt=p, model="mock?delay_ms=40", max_tokens=25) for p in prompts]
+    texts = [job.text(timeout=60) for job in jobs]
+    for prompt, text in zip(prompts, texts, strict=True):
+        assert text == "".join(generate(prompt, 25)[0])
+
+    intervals = []
+    for job in jobs:
+        state = job.status()
+        assert state.status is Status.DONE
+        assert state.started is not None and state.finished is not None
+        intervals.append((state.started, state.finished))
+    # At the moment the last job started, how many others were still running?
+    last_start = max(start for start, _ in intervals)
+    running_then = sum(1 for start, end in intervals if start <= last_start < end)
+    assert running_then == 50, f"only {running_then} of 50 jobs overlapped"
+
+
+def test_cancel_mid_stream_closes_the_upstream_and_nothing_follows(
+    client: Client, mock: Mock
+) -> None:
+    prompt = marker("cancel")
+    job = client.submit(prompt=prompt, model="mock?delay_ms=50", max_tokens=500, follow=True)
+    events: list[Event] = []
+    for event in job.events(timeout=30):
+        events.append(event)
+        if event.type is EventType.TOKEN and event.seq == 3:
+            cancelled_at = time.monotonic()
+            client.cancel(job.id)
+    assert events[-1].type is EventType.CANCELLED
+    assert time.monotonic() - cancelled_at < 1.0
+    assert_well_formed(events, job.id)
+    assert client.status(job.id).status is Status.CANCELLED
+
+    deadline = time.monotonic() + 5
+    while mock.record(prompt)["state"] != "disconnected":
+        assert time.monotonic() < deadline, f"upstream still open: {mock.record(prompt)}"
+        time.sleep(0.05)
+    sent = mock.record(prompt)["tokens_sent"]
+    assert isinstance(sent, int) and sent < 100
+    time.sleep(0.3)
+    # The log ends with the terminal event: no token was published after it.
+    log = client.redis.xrange(client.keys.log(job.id))
+    assert len(log) == len(events)
+
+
+def test_cancel_of_a_queued_job_ends_it_at_once(fleet: Fleet) -> None:
+    # Nobody consumes this prefix's queue, so the job stays queued.
+    with Client(settings=fleet.settings, prefix="trnobody") as idle:
+        job = idle.submit(prompt=marker("queued"))
+        assert idle.status(job.id).status is Status.QUEUED
+        state = idle.cancel(job.id)
+        assert state.status is Status.CANCELLED
+        events = list(job.events(timeout=5))
+        assert [e.type for e in events] == [EventType.CANCELLED]
+        with pytest.raises(JobFailedError, match="cancelled"):
+            job.text(timeout=5)
+
+
+@pytest.mark.parametrize(
+    ("fault", "code", "in_message", "tokens_kept"),
+    [
+        ("status=500", "upstream_http", "500", 0),
+        ("error_after=5", "upstream_error", "mock upstream error after 5 tokens", 5),
+        ("malformed_after=4", "upstream_protocol", "", 4),
+        ("status=401", "upstream_http", "401", 0),
+    ],
+)
+def test_upstream_failures_end_in_one_error_event(
+    client: Client, fault: str, code: str, in_message: str, tokens_kept: int
+) -> None:
+    prompt = marker("fail")
+    job = client.submit(prompt=prompt, model=f"mock?{fault}", max_tokens=20, follow=True)
+    events = list(job.events(timeout=60))
+    assert_well_formed(events, job.id)
+    error = events[-1]
+    assert error.type is EventType.ERROR
+    assert error.fields["code"] == code
+    assert in_message in error.fields["message"]
+    # What was delivered before the failure is kept.
+    assert token_text(events) == "".join(generate(prompt, 20)[0][:tokens_kept])
+    state = client.status(job.id)
+    assert state.status is Status.ERROR
+    assert state.error is not None and state.error["code"] == code
+
+    # The worker stays healthy for the next job.
+    assert client.submit(prompt=marker("after"), max_tokens=5).text(timeout=30)
+
+
+def test_unreachable_upstream_ends_in_error_and_keys_expire_after_the_ttl(
+    unreachable_fleet: Fleet,
+) -> None:
+    from tests.conftest import SHORT_TTL
+
+    with unreachable_fleet.client() as down:
+        job = down.submit(prompt=marker("down"), follow=True)
+        events = list(job.events(timeout=60))
+        assert [e.type for e in events] == [EventType.START, EventType.ERROR]
+        assert events[-1].fields["code"] == "upstream_unreachable"
+        assert "could not connect" in events[-1].fields["message"]
+        keys = down.keys.job_keys(job.id)[:2]  # state and log
+        for key in keys:
+            ttl = down.redis.ttl(key)
+            assert 0 < ttl <= SHORT_TTL, (key, ttl)
+        deadline = time.monotonic() + SHORT_TTL + 5
+        while down.redis.exists(*keys):
+            assert time.monotonic() < deadline, "the job's keys outlived the TTL"
+            time.sleep(0.1)
+        from producer import JobNotFound
+
+        with pytest.raises(JobNotFound):
+            down.status(job.id)
+
+
+def test_same_job_id_twice_returns_the_existing_job(client: Client) -> None:
+    job_id = "retry-safe-" + marker("x")[1:-1]
+    first = client.submit(prompt=marker("idem"), max_tokens=8, job_id=job_id)
+    second = client.submit(prompt="something else", max_tokens=8, job_id=job_id)
+    assert second.id == first.id
+    events = list(second.events(timeout=30))
+    assert sum(1 for e in events if e.type is EventType.START) == 1
+    assert events[-1].type is EventType.DONE
