@@ -175,11 +175,19 @@ class Client:
                 raise
         return job
 
-    def subscribe(self, job_id: str, *, after: int = -1) -> Job:
-        """A job to read; raise ``JobNotFound`` if it does not exist."""
+    def subscribe(self, job_id: str, *, after: int = -1, wait: float = 0.0) -> Job:
+        """A job to read from event ``after + 1`` on; ``JobNotFound`` if it does not exist.
+
+        ``wait`` is how many seconds to wait for a job that is not created yet (one enqueued by
+        another Celery client exists once a worker takes it).
+        """
         validate_job_id(job_id)
-        if not self.redis.exists(self.keys.state(job_id), self.keys.log(job_id)):
-            raise JobNotFound(job_id)
+        deadline = time.monotonic() + wait
+        keys = self.keys.state(job_id), self.keys.log(job_id)
+        while not self.redis.exists(*keys):
+            if time.monotonic() >= deadline:
+                raise JobNotFound(job_id)
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
         return Job(self, job_id, after=after)
 
     def status(self, job_id: str) -> JobState:

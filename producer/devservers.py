@@ -204,7 +204,7 @@ def mock_upstream(
     port = port or free_port()
     args = [sys.executable, "-m", "producer.cli", "mock-upstream", "--port", str(port),
             "--delay-ms", str(delay_ms)]  # fmt: skip
-    env = {"TOKENRELAY_MOCK_API_KEY": api_key} if api_key else {}
+    env = {"MOCK_UPSTREAM_API_KEY": api_key} if api_key else {}
     process = Process(args, env=env, log_path=log_path)
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: http_answers(url + "/healthz"), 20, "mock upstream")

@@ -144,7 +144,7 @@ def _create_state(runtime: Runtime, job_id: str, spec_data: Mapping[str, Any]) -
         now_ms(),
         runtime.settings.job_ttl + int(runtime.settings.visibility_timeout),
         StateField.SPEC,
-        json.dumps(dict(spec_data)),
+        json.dumps(spec_data),
     )
 
 
