@@ -143,7 +143,9 @@ def _print_events(job: Any, as_json: bool, timeout: float | None, out: TextIO) -
         elif event.type is EventType.TOKEN:
             out.write(event.text)
         elif event.type is EventType.RESTART:
-            print(f"\n[worker lost: restarting, attempt {event.fields['attempt']}]", file=sys.stderr)
+            print(
+                f"\n[worker lost: restarting, attempt {event.fields['attempt']}]", file=sys.stderr
+            )
         out.flush()
         final = event
     if not as_json:

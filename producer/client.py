@@ -54,9 +54,7 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
-def prepare(
-    settings: Settings, request: dict[str, Any], job_id: str | None
-) -> tuple[str, JobSpec]:
+def prepare(settings: Settings, request: dict[str, Any], job_id: str | None) -> tuple[str, JobSpec]:
     """Validate a job request and its id; raise ``InvalidJob`` naming the field."""
     spec = JobSpec.from_dict(
         {k: v for k, v in request.items() if v is not None},
@@ -105,7 +103,7 @@ class Client:
         settings: Settings | None = None,
     ) -> None:
         base = settings or Settings.from_env()
-        self.settings = _override(base, redis_url, broker_url, prefix)
+        self.settings = override_settings(base, redis_url, broker_url, prefix)
         self.keys = Keys(self.settings.prefix)
         self.redis: redis.Redis = sync_redis(self.settings.redis_url)
         self._create = self.redis.register_script(scripts.CREATE)
@@ -228,7 +226,7 @@ class Subscription:
 
     def open(self) -> None:
         if self._pubsub is None:
-            self._pubsub = self._client.redis.pubsub(ignore_subscribe_messages=True)
+            self._pubsub = self._client.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
             self._pubsub.subscribe(self._client.keys.channel(self.job_id))
 
     def close(self) -> None:
@@ -279,10 +277,10 @@ class Subscription:
             entries = self._client.redis.xrange(
                 log_key, min=self.sequencer.log_start, count=LOG_BATCH
             )
-            for event in events_from_log(entries):
+            for event in events_from_log(entries or []):
                 if self.sequencer.judge(event) is Verdict.NEXT:
                     yield self.sequencer.deliver(event)
-            if len(entries) < LOG_BATCH:
+            if len(entries or []) < LOG_BATCH:
                 return
 
 
@@ -349,7 +347,7 @@ def _failed(event: Event, transcript: Transcript) -> JobFailedError:
     return error
 
 
-def _override(
+def override_settings(
     settings: Settings, redis_url: str | None, broker_url: str | None, prefix: str | None
 ) -> Settings:
     changes: dict[str, Any] = {}

@@ -3,6 +3,7 @@ upstream and Celery workers, each on a free loopback port, each stopped by whoev
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -45,7 +46,7 @@ def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.02
         try:
             if predicate():
                 return
-        except Exception:  # noqa: BLE001 - not ready yet, whatever the reason
+        except Exception:
             pass
         time.sleep(interval)
     raise TimeoutError(f"{what}: not ready after {timeout} s")
@@ -89,10 +90,8 @@ class Process:
 
     def stop(self, timeout: float = 10.0) -> int | None:
         if self.alive():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -102,10 +101,8 @@ class Process:
         return self.popen.returncode
 
     def kill(self) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.popen.wait(10)
 
     def output(self) -> str:
@@ -188,7 +185,7 @@ def http_answers(url: str) -> bool:
     import urllib.request
 
     try:
-        with urllib.request.urlopen(url, timeout=0.5) as response:  # noqa: S310 - loopback
+        with urllib.request.urlopen(url, timeout=0.5) as response:
             return bool(response.status < 500)
     except urllib.error.HTTPError as exc:
         return exc.code < 500  # it answered, if only to refuse (e.g. 401 without a key)
@@ -197,7 +194,10 @@ def http_answers(url: str) -> bool:
 
 
 def mock_upstream(
-    port: int | None = None, *, delay_ms: float = 0.0, api_key: str | None = None,
+    port: int | None = None,
+    *,
+    delay_ms: float = 0.0,
+    api_key: str | None = None,
     log_path: Path | None = None,
 ) -> tuple[Process, str]:
     """Start ``tokenrelay mock-upstream``; return the process and its base URL once it answers."""

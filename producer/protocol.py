@@ -100,9 +100,7 @@ class StateField(StrEnum):
 def validate_job_id(job_id: object) -> str:
     """Return ``job_id`` if it is a valid job id (letters, digits, ``-``, ``_``; 1 to 64)."""
     if not isinstance(job_id, str) or not JOB_ID_PATTERN.fullmatch(job_id):
-        raise ProtocolError(
-            "job_id: must be 1 to 64 characters of letters, digits, '-' and '_'"
-        )
+        raise ProtocolError("job_id: must be 1 to 64 characters of letters, digits, '-' and '_'")
     return job_id
 
 
@@ -193,7 +191,13 @@ class Event:
         return value if isinstance(value, str) else ""
 
     def as_dict(self) -> dict[str, Any]:
-        return {"v": VERSION, "job": self.job, "seq": self.seq, "type": str(self.type), **self.fields}
+        return {
+            "v": VERSION,
+            "job": self.job,
+            "seq": self.seq,
+            "type": str(self.type),
+            **self.fields,
+        }
 
 
 _RESERVED: Final = frozenset({"v", "job", "seq", "type"})
@@ -251,7 +255,7 @@ def decode(data: bytes | str) -> Event:
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
         raise ProtocolError("seq: must be a non-negative integer")
     try:
-        type_ = EventType(obj.get("type"))
+        type_ = EventType(str(obj.get("type")))
     except ValueError:
         raise ProtocolError(f"type: unknown event type {obj.get('type')!r}") from None
     for name, kind in _REQUIRED[type_].items():

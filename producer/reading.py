@@ -68,10 +68,11 @@ class Sequencer:
         return log_entry_id(self.last + 1)
 
 
-def events_from_log(entries: Iterable[tuple[Any, Mapping[Any, Any]]]) -> list[Event]:
+def events_from_log(entries: Iterable[tuple[Any, Any]]) -> list[Event]:
     """Decode XRANGE entries; an undecodable entry is a broken log and is reported."""
     events = []
     for _entry_id, values in entries:
+        values = values or {}
         data = values.get(LOG_FIELD.encode()) or values.get(LOG_FIELD)
         if data is None:
             raise ProtocolError("log entry without an event")

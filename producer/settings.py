@@ -66,7 +66,9 @@ def _dialect(raw: str) -> str:
 def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
     def convert(raw: str) -> str:
         if raw.split("://", 1)[0] not in schemes or "://" not in raw:
-            raise ValueError(f"expected a URL starting with {' or '.join(s + '://' for s in schemes)}")
+            raise ValueError(
+                f"expected a URL starting with {' or '.join(s + '://' for s in schemes)}"
+            )
         return raw
 
     return convert
@@ -139,7 +141,10 @@ class Settings:
                 env, "TOKENRELAY_JOB_DEADLINE", DEFAULT_JOB_DEADLINE, _positive(float)
             ),
             connect_timeout=_parse(
-                env, "TOKENRELAY_UPSTREAM_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT, _positive(float)
+                env,
+                "TOKENRELAY_UPSTREAM_CONNECT_TIMEOUT",
+                DEFAULT_CONNECT_TIMEOUT,
+                _positive(float),
             ),
             read_timeout=_parse(
                 env, "TOKENRELAY_UPSTREAM_READ_TIMEOUT", DEFAULT_READ_TIMEOUT, _positive(float)
@@ -147,7 +152,9 @@ class Settings:
             lease_seconds=_parse(
                 env, "TOKENRELAY_LEASE_SECONDS", DEFAULT_LEASE_SECONDS, _positive(float)
             ),
-            max_attempts=_parse(env, "TOKENRELAY_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, _positive(int)),
+            max_attempts=_parse(
+                env, "TOKENRELAY_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, _positive(int)
+            ),
             shutdown_grace=_parse(
                 env, "TOKENRELAY_SHUTDOWN_GRACE", DEFAULT_SHUTDOWN_GRACE, _positive(float)
             ),

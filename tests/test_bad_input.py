@@ -3,7 +3,6 @@ task itself when a job reaches the queue from some other Celery client."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from typing import Any
@@ -61,7 +60,7 @@ def test_submit_refuses_bad_input_naming_the_field(
 def test_unknown_fields_are_refused_by_name(client: Client) -> None:
     from producer.client import prepare
 
-    with pytest.raises(InvalidJob, match="^promt: unknown field"):
+    with pytest.raises(InvalidJob, match=r"^promt: unknown field"):
         prepare(client.settings, {"promt": "typo"}, None)
 
 
@@ -70,7 +69,9 @@ def cli_env(fleet: Fleet) -> dict[str, str]:
     return {**fleet.env}
 
 
-def run_cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    env: dict[str, str], *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "producer.cli", *args],
         env=env, capture_output=True, text=True, timeout=timeout, check=False,
@@ -146,7 +147,8 @@ def test_a_plain_celery_client_can_enqueue_a_good_job(client: Client, fleet: Fle
     app = Celery("someone-else", broker=fleet.settings.redis_url, set_as_current=False)
     job_id = marker("plain")[1:-1]
     try:
-        app.send_task(TASK_NAME, kwargs={"job_id": job_id, "spec": {"prompt": "Hello", "max_tokens": 6}},
+        spec = {"prompt": "Hello", "max_tokens": 6}
+        app.send_task(TASK_NAME, kwargs={"job_id": job_id, "spec": spec},
                       queue=client.keys.queue)  # fmt: skip
     finally:
         app.close()
@@ -154,4 +156,3 @@ def test_a_plain_celery_client_can_enqueue_a_good_job(client: Client, fleet: Fle
     from producer.mock_upstream import generate
 
     assert job.text(timeout=30) == "".join(generate("Hello", 6)[0])
-

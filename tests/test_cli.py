@@ -79,8 +79,11 @@ def test_cancel_from_the_cli_ends_a_followed_job(fleet: Fleet, client: Client) -
 
 def test_demo_starts_everything_it_needs_and_stops_it(fleet: Fleet) -> None:
     # Nothing answers at this Redis URL, so the demo starts its own redis-server too.
-    env = {"TOKENRELAY_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
-           "TOKENRELAY_UPSTREAM_API_KEY": "", "TOKENRELAY_UPSTREAM_URL": "http://127.0.0.1:1"}  # fmt: skip
+    env = {
+        "TOKENRELAY_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "TOKENRELAY_UPSTREAM_API_KEY": "",
+        "TOKENRELAY_UPSTREAM_URL": "http://127.0.0.1:1",
+    }
     done = cli(fleet, "demo", "--max-tokens", "10", extra_env=env, timeout=90)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "Alan Turing was" + "".join(generate("Alan Turing was", 10)[0]) + "\n"

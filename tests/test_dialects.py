@@ -131,7 +131,8 @@ def test_tgi_ends_at_eof_with_details() -> None:
 
 def test_ollama_ndjson_split_mid_line() -> None:
     body = (
-        b'{"model":"m","response":" Hel","done":false}\n{"model":"m","response":"lo","done":false}\n'
+        b'{"model":"m","response":" Hel","done":false}\n'
+        b'{"model":"m","response":"lo","done":false}\n'
         b'{"model":"m","response":"","done":true,"done_reason":"length","prompt_eval_count":2,'
         b'"eval_count":2}\n'
     )

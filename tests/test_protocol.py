@@ -52,7 +52,9 @@ def test_encode_is_compact_json_with_the_envelope() -> None:
     assert data == b'{"v":1,"job":"j","seq":3,"type":"done","finish_reason":"length"}'
 
 
-@pytest.mark.parametrize("text", ["hi", " caf\u00e9", "\u65e5\u672c", '"quoted"\n', "\U0001f642", ""])
+@pytest.mark.parametrize(
+    "text", ["hi", " caf\u00e9", "\u65e5\u672c", '"quoted"\n', "\U0001f642", ""]
+)
 def test_token_fast_path_equals_the_general_encoder(text: str) -> None:
     general = encode(make_event("job_1", 7, EventType.TOKEN, text=text))
     assert encode_token("job_1", 7, text) == general

@@ -1,4 +1,4 @@
-"""The upstream API key reaches the upstream and nowhere else: not Redis, not an event, not a log."""
+"""The upstream API key reaches the upstream and nowhere else: not Redis, events or logs."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import redis
 
 from producer import Client, EventType
-from producer.protocol import encode
 from producer.devservers import RedisServer
+from producer.protocol import encode
 from tests.conftest import Fleet, Mock, marker
 
 

@@ -1,19 +1,19 @@
 """Why a job stops early. One small tree; the runner maps each leaf to a terminal event.
 
-    JobStop
-     ├── JobFailed                 -> `error` event with `code` and `message`
-     │    ├── InvalidJobError       invalid_job
-     │    ├── DeadlineExceeded      deadline_exceeded
-     │    ├── TooManyAttempts       too_many_attempts
-     │    └── UpstreamError         retryable or not, with the upstream's HTTP status
-     │         ├── UpstreamHTTPError     upstream_http (status, Retry-After)
-     │         ├── UpstreamUnavailable   upstream_unreachable (before the stream began)
-     │         ├── UpstreamDisconnected  upstream_disconnected (the stream broke off)
-     │         ├── UpstreamTimeout       upstream_timeout
-     │         ├── UpstreamStreamError   upstream_error (an error object in the stream)
-     │         └── UpstreamProtocolError upstream_protocol (a malformed event)
-     ├── JobCancelled              -> `cancelled` event
-     └── Fenced                    another attempt owns the job: stop without publishing
+JobStop
+ ├── JobFailed                 -> `error` event with `code` and `message`
+ │    ├── InvalidJobError       invalid_job
+ │    ├── DeadlineExceeded      deadline_exceeded
+ │    ├── TooManyAttempts       too_many_attempts
+ │    └── UpstreamError         retryable or not, with the upstream's HTTP status
+ │         ├── UpstreamHTTPError     upstream_http (status, Retry-After)
+ │         ├── UpstreamUnavailable   upstream_unreachable (before the stream began)
+ │         ├── UpstreamDisconnected  upstream_disconnected (the stream broke off)
+ │         ├── UpstreamTimeout       upstream_timeout
+ │         ├── UpstreamStreamError   upstream_error (an error object in the stream)
+ │         └── UpstreamProtocolError upstream_protocol (a malformed event)
+ ├── JobCancelled              -> `cancelled` event
+ └── Fenced                    another attempt owns the job: stop without publishing
 """
 
 from __future__ import annotations

@@ -55,9 +55,7 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def claim(
-    scripts_: Scripts, keys: Keys, job_id: str, owner: str, lease_ms: int
-) -> Claim:
+def claim(scripts_: Scripts, keys: Keys, job_id: str, owner: str, lease_ms: int) -> Claim:
     outcome, attempt, seq, cancel = scripts_.claim(
         keys=[keys.state(job_id), keys.lease(job_id)], args=[owner, lease_ms, now_ms()]
     )

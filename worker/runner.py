@@ -85,9 +85,7 @@ def _run_claimed(
         active.deadline = time.monotonic() + (spec.deadline or runtime.settings.job_deadline)
         publisher.event(EventType.START, attempt=attempt, model=spec.model, ts=time.time())
         if attempt > runtime.settings.max_attempts:
-            raise TooManyAttempts(
-                f"the job was started {attempt} times; its workers kept dying"
-            )
+            raise TooManyAttempts(f"the job was started {attempt} times; its workers kept dying")
         if cancel:
             raise JobCancelled()
         finish_reason, usage = _stream(runtime, active, publisher, spec)
@@ -105,9 +103,7 @@ def _run_claimed(
         return "fenced"
     except Exception:
         log.exception("job %s: unexpected failure", active.job_id)
-        publisher.finish(
-            EventType.ERROR, code="internal", message="the worker failed unexpectedly"
-        )
+        publisher.finish(EventType.ERROR, code="internal", message="the worker failed unexpectedly")
         return "error"
 
 

@@ -117,7 +117,7 @@ class Runtime:
         """Hear cancel requests for jobs of this process, reconnecting after any failure."""
         backoff = 0.05
         while not self._stopping.is_set():
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
             try:
                 pubsub.subscribe(self.keys.control)
                 backoff = 0.05

@@ -8,6 +8,7 @@ another thread or greenlet: it shuts the socket down, which wakes a blocked read
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import socket
@@ -140,10 +141,8 @@ class UpstreamStream:
     def abort(self) -> None:
         """Wake and end a read blocked in another thread or greenlet; safe to call twice."""
         if self._sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def close(self) -> None:
         self.abort()
@@ -156,7 +155,7 @@ def parse_stream(chunks: Iterable[bytes], dialect: Dialect) -> Iterator[Delta]:
     if dialect.framing == "ndjson":
         payloads = _lines(chunks)
     else:
-        payloads = (event.data for event in sseclient.SSEClient(chunks).events())
+        payloads = (event.data for event in sseclient.SSEClient(iter(chunks)).events())
     for data in payloads:
         delta = dialect.parse(data)
         if delta is DONE:

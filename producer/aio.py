@@ -1,0 +1,415 @@
+"""The producer library on ``redis.asyncio``: the same jobs, events and guarantees as
+``producer.client``, for asyncio services (the gateway uses it).
+
+    async with AsyncClient(redis_url="redis://127.0.0.1:6379/0") as client:
+        job = await client.submit(prompt="Alan Turing was", max_tokens=64, follow=True)
+        async for token in job.tokens():
+            print(token, end="", flush=True)
+
+However many jobs are followed at once, one ``AsyncClient`` holds one pub/sub connection: the
+``Multiplexer`` subscribes to each job's channel once and hands every message to the readers of
+that job through a bounded buffer. A reader that falls too far behind loses its buffer, not its
+events: it reads what it missed from the job's log, as it does after a reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Final
+
+import redis.asyncio
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from producer import scripts
+from producer.client import cancelled_prefix, create_args, override_settings, prepare
+from producer.connection import async_redis
+from producer.enqueue import Enqueuer
+from producer.protocol import Event, EventType, Keys, encode_cancel, validate_job_id
+from producer.reading import (
+    JobFailedError,
+    JobNotFound,
+    JobState,
+    Sequencer,
+    Transcript,
+    Verdict,
+    decode_live,
+    events_from_log,
+)
+from producer.settings import Settings
+
+log = logging.getLogger("tokenrelay.producer")
+
+LOG_BATCH: Final = 1000
+POLL_INTERVAL: Final = 1.0
+BUFFER: Final = 1024  # live messages held per reader before it falls back to the log
+_GAP: Final = b""  # put in a reader's buffer when live messages may have been missed
+
+
+class _Listener:
+    """One reader's end of the multiplexer: a bounded buffer of raw live messages."""
+
+    def __init__(self, size: int, stats: dict[str, int]) -> None:
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(size)
+        self.overflowed = False
+        self._stats = stats
+
+    def offer(self, data: bytes) -> None:
+        if self.overflowed:
+            return
+        try:
+            self.queue.put_nowait(data)
+        except asyncio.QueueFull:
+            self._stats["overflows"] += 1
+            # Too slow to keep up live: drop the buffer, the reader catches up from the log.
+            self.overflowed = True
+            self._reset()
+
+    def gap(self) -> None:
+        self.overflowed = True
+        self._reset()
+
+    def _reset(self) -> None:
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.queue.put_nowait(_GAP)
+
+
+class Multiplexer:
+    """One pub/sub connection shared by every reader of one client.
+
+    ``subscribe`` returns once Redis has confirmed the subscription, so a reader that reads the
+    log afterwards cannot miss an event between the two. If the connection drops, it reconnects
+    with backoff, subscribes again, and tells every reader to fill the gap from the log.
+    """
+
+    def __init__(self, redis_client: redis.asyncio.Redis, buffer: int = BUFFER) -> None:
+        self._redis = redis_client
+        self._buffer = buffer
+        self._listeners: dict[str, set[_Listener]] = {}
+        self._confirmed: dict[str, asyncio.Future[None]] = {}
+        self._pubsub: redis.asyncio.client.PubSub | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._closed = False
+        self.stats = {"overflows": 0, "reconnects": 0, "resubscribes": 0}
+
+    @property
+    def channels(self) -> int:
+        return len(self._listeners)
+
+    async def subscribe(self, channel: str) -> _Listener:
+        listener = _Listener(self._buffer, self.stats)
+        async with self._lock:
+            self._ensure_running()
+            first = channel not in self._listeners
+            self._listeners.setdefault(channel, set()).add(listener)
+            if first:
+                self._confirmed[channel] = asyncio.get_running_loop().create_future()
+                await self._send_subscribe([channel])
+            confirmed = self._confirmed.get(channel)
+        if confirmed is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(confirmed), 10)
+            except TimeoutError:
+                listener.gap()  # unconfirmed: poll the log until live messages flow
+        return listener
+
+    async def unsubscribe(self, channel: str, listener: _Listener) -> None:
+        async with self._lock:
+            listeners = self._listeners.get(channel)
+            if listeners is None:
+                return
+            listeners.discard(listener)
+            if listeners:
+                return
+            del self._listeners[channel]
+            self._confirmed.pop(channel, None)
+            if self._pubsub is not None:
+                with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
+                    await self._pubsub.unsubscribe(channel)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _send_subscribe(self, channels: Sequence[str]) -> None:
+        if self._pubsub is None:
+            self._pubsub = self._redis.pubsub()
+        # On failure the reader task reconnects and subscribes again; meanwhile readers poll.
+        with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
+            await self._pubsub.subscribe(*channels)
+
+    async def _run(self) -> None:
+        delay = 0.05
+        while not self._closed:
+            try:
+                await self._pump()
+            except asyncio.CancelledError:
+                raise
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                log.warning("pub/sub connection lost (%s); reconnecting", exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            await self._reconnect()
+
+    async def _pump(self) -> None:
+        while True:
+            pubsub = self._pubsub
+            if pubsub is None or not pubsub.subscribed:
+                await asyncio.sleep(0.05)
+                continue
+            message = await pubsub.get_message(timeout=1.0)
+            if message is None:
+                continue
+            kind, channel = message["type"], message["channel"]
+            name = channel.decode() if isinstance(channel, bytes) else channel
+            if kind in ("message", "smessage"):
+                for listener in tuple(self._listeners.get(name, ())):
+                    listener.offer(message["data"])
+            elif kind in ("subscribe", "ssubscribe"):
+                future = self._confirmed.get(name)
+                if future is not None and not future.done():
+                    future.set_result(None)
+                else:
+                    # redis-py reconnected and subscribed again by itself: whatever was
+                    # published meanwhile is only in the log.
+                    self.stats["resubscribes"] += 1
+                    for listener in tuple(self._listeners.get(name, ())):
+                        listener.gap()
+
+    async def _reconnect(self) -> None:
+        self.stats["reconnects"] += 1
+        async with self._lock:
+            old, self._pubsub = self._pubsub, None
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    await old.aclose()  # type: ignore[no-untyped-call]
+            channels = list(self._listeners)
+            for channel in channels:
+                for listener in self._listeners[channel]:
+                    listener.gap()
+            if channels:
+                await self._send_subscribe(channels)
+
+
+class AsyncClient:
+    """The asyncio twin of ``producer.Client``."""
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        broker_url: str | None = None,
+        prefix: str | None = None,
+        settings: Settings | None = None,
+        max_connections: int = 64,
+        buffer: int = BUFFER,
+    ) -> None:
+        base = settings or Settings.from_env()
+        self.settings = override_settings(base, redis_url, broker_url, prefix)
+        self.keys = Keys(self.settings.prefix)
+        # A bounded pool: commands wait for a free connection rather than opening more.
+        self.redis = async_redis(self.settings.redis_url, max_connections=max_connections)
+        self.multiplexer = Multiplexer(self.redis, buffer)
+        self._create = self.redis.register_script(scripts.CREATE)
+        self._cancel = self.redis.register_script(scripts.CANCEL)
+        self._enqueuer: Enqueuer | None = None
+
+    async def close(self) -> None:
+        await self.multiplexer.close()
+        if self._enqueuer is not None:
+            await asyncio.to_thread(self._enqueuer.close)
+        await self.redis.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def submit(
+        self,
+        prompt: str | None = None,
+        *,
+        job_id: str | None = None,
+        follow: bool = False,
+        tenant: str | None = None,
+        **request: Any,
+    ) -> AsyncJob:
+        """Validate and enqueue a job (the keyword arguments of ``Client.submit``)."""
+        job_id, spec = prepare(self.settings, {"prompt": prompt, **request}, job_id)
+        job = AsyncJob(self, job_id)
+        if follow:
+            await job.open()
+        created = await self._create(
+            keys=[self.keys.state(job_id)], args=create_args(self.settings, spec, tenant)
+        )
+        if created:
+            if self._enqueuer is None:
+                self._enqueuer = Enqueuer(self.settings)
+            try:
+                # kombu's producer blocks; keep it off the event loop.
+                await asyncio.to_thread(self._enqueuer.send, job_id, spec)
+            except Exception:
+                await self.redis.delete(self.keys.state(job_id))
+                await job.close()
+                raise
+        return job
+
+    async def subscribe(self, job_id: str, *, after: int = -1, wait: float = 0.0) -> AsyncJob:
+        """A job to read from event ``after + 1`` on; ``JobNotFound`` if it does not exist."""
+        validate_job_id(job_id)
+        deadline = time.monotonic() + wait
+        while not await self.redis.exists(self.keys.state(job_id), self.keys.log(job_id)):
+            if time.monotonic() >= deadline:
+                raise JobNotFound(job_id)
+            await asyncio.sleep(0.05)
+        return AsyncJob(self, job_id, after=after)
+
+    async def status(self, job_id: str) -> JobState:
+        validate_job_id(job_id)
+        raw = await self.redis.hgetall(self.keys.state(job_id))
+        if not raw:
+            raise JobNotFound(job_id)
+        return JobState.from_hash(job_id, raw)
+
+    async def cancel(self, job_id: str) -> JobState:
+        validate_job_id(job_id)
+        status = await self._cancel(
+            keys=[self.keys.state(job_id), self.keys.log(job_id), self.keys.channel(job_id)],
+            args=[
+                "PUBLISH",
+                self.settings.job_ttl,
+                int(time.time() * 1000),
+                job_id,
+                cancelled_prefix(job_id),
+            ],
+        )
+        if status is None:
+            raise JobNotFound(job_id)
+        if status == b"running":
+            await self.redis.publish(self.keys.control, encode_cancel(job_id))
+        return await self.status(job_id)
+
+
+class AsyncJob:
+    """One job's events, once and in order, whenever the reader joined."""
+
+    def __init__(self, client: AsyncClient, job_id: str, after: int = -1) -> None:
+        self.client = client
+        self.id = job_id
+        self.sequencer = Sequencer(last=after)
+        self.transcript = Transcript()
+        self._listener: _Listener | None = None
+
+    def __repr__(self) -> str:
+        return f"AsyncJob({self.id!r})"
+
+    @property
+    def channel(self) -> str:
+        return self.client.keys.channel(self.id)
+
+    async def open(self) -> None:
+        if self._listener is None:
+            self._listener = await self.client.multiplexer.subscribe(self.channel)
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            listener, self._listener = self._listener, None
+            await self.client.multiplexer.unsubscribe(self.channel, listener)
+
+    async def events(self, timeout: float | None = None) -> AsyncIterator[Event]:
+        """Yield events up to the terminal one; ``TimeoutError`` past ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            await self.open()
+            async for event in self._catch_up():
+                yield event
+            while not self.sequencer.done:
+                wait = POLL_INTERVAL
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        raise TimeoutError(f"job {self.id}: no terminal event in {timeout} s")
+                async for event in self._next_live(wait):
+                    yield event
+        finally:
+            await self.close()
+
+    async def _next_live(self, wait: float) -> AsyncIterator[Event]:
+        assert self._listener is not None
+        listener = self._listener
+        try:
+            data = await asyncio.wait_for(listener.queue.get(), wait)
+        except TimeoutError:
+            data = None
+        if not data or listener.overflowed:
+            listener.overflowed = False
+            data = None
+        event = decode_live(data) if data else None
+        if event is None:
+            async for caught in self._catch_up():
+                yield caught
+            return
+        verdict = self.sequencer.judge(event)
+        if verdict is Verdict.NEXT:
+            yield self._deliver(event)
+        elif verdict is Verdict.GAP:
+            async for caught in self._catch_up():
+                yield caught
+
+    async def _catch_up(self) -> AsyncIterator[Event]:
+        log_key = self.client.keys.log(self.id)
+        while not self.sequencer.done:
+            entries = await self.client.redis.xrange(
+                log_key, min=self.sequencer.log_start, count=LOG_BATCH
+            )
+            for event in events_from_log(entries or []):
+                if self.sequencer.judge(event) is Verdict.NEXT:
+                    yield self._deliver(event)
+            if len(entries or []) < LOG_BATCH:
+                return
+
+    def _deliver(self, event: Event) -> Event:
+        self.transcript.add(self.sequencer.deliver(event))
+        return event
+
+    async def tokens(self, timeout: float | None = None) -> AsyncIterator[str]:
+        """Token texts as they arrive; ``JobFailedError`` if the job errs or is cancelled."""
+        async for event in self.events(timeout):
+            if event.type is EventType.TOKEN:
+                yield event.text
+            elif event.type in (EventType.ERROR, EventType.CANCELLED):
+                error = JobFailedError(event)
+                error.partial_text = self.transcript.text
+                raise error
+
+    async def text(self, timeout: float | None = 300.0) -> str:
+        async for _ in self.tokens(timeout):
+            pass
+        return self.transcript.text
+
+    @property
+    def restarts(self) -> int:
+        return self.transcript.restarts
+
+    async def status(self) -> JobState:
+        return await self.client.status(self.id)
+
+    async def cancel(self) -> JobState:
+        return await self.client.cancel(self.id)

@@ -1,0 +1,129 @@
+"""The asyncio client: the same guarantees as the blocking one, over one multiplexed pub/sub
+connection however many jobs it reads."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis
+
+from producer import AsyncClient, EventType, JobFailedError
+from producer.mock_upstream import generate
+from producer.protocol import Event
+from tests.conftest import Fleet, marker
+from tests.test_pipeline import assert_well_formed, token_text
+
+
+def run(fleet: Fleet, body: Callable[[AsyncClient], Awaitable[Any]], **options: Any) -> Any:
+    async def main() -> Any:
+        async with AsyncClient(settings=fleet.settings, **options) as client:
+            return await asyncio.wait_for(body(client), 60)
+
+    return asyncio.run(main())
+
+
+def test_submit_and_follow(fleet: Fleet) -> None:
+    prompt = marker("async")
+
+    async def body(client: AsyncClient) -> list[Event]:
+        job = await client.submit(prompt, max_tokens=30, follow=True)
+        events = [event async for event in job.events(timeout=30)]
+        assert await job.text() == "".join(generate(prompt, 30)[0])  # a second, late read
+        state = await client.status(job.id)
+        assert state.tokens == 30
+        return events
+
+    events = run(fleet, body)
+    assert_well_formed(events, events[0].job)
+    assert token_text(events) == "".join(generate(prompt, 30)[0])
+
+
+def pubsub_connections(port: int) -> int:
+    r = redis.Redis(port=port)
+    try:
+        return len(r.client_list(_type="pubsub"))
+    finally:
+        r.close()
+
+
+def test_many_readers_share_one_pubsub_connection(fleet: Fleet, redis_server: Any) -> None:
+    before = pubsub_connections(redis_server.port)
+    prompts = [marker(f"mux{i}") for i in range(8)]
+
+    async def body(client: AsyncClient) -> list[str]:
+        jobs = [await client.submit(p, model="mock?delay_ms=20", max_tokens=25) for p in prompts]
+        # Four readers per job, 32 in all.
+        readers = [client.subscribe(job.id) for job in jobs for _ in range(4)]
+        subscribed = await asyncio.gather(*readers)
+        tasks = [asyncio.create_task(job.text(timeout=30)) for job in subscribed]
+        await asyncio.sleep(0.3)
+        during = pubsub_connections(redis_server.port)
+        assert during == before + 1, f"{during - before} pub/sub connections for 32 readers"
+        assert client.multiplexer.channels == 8
+        return list(await asyncio.gather(*tasks))
+
+    texts = run(fleet, body)
+    for i, prompt in enumerate(prompts):
+        expected = "".join(generate(prompt, 25)[0])
+        assert texts[4 * i : 4 * i + 4] == [expected] * 4
+
+
+def test_a_slow_reader_falls_back_to_the_log_and_loses_nothing(fleet: Fleet) -> None:
+    prompt = marker("slow")
+
+    async def body(client: AsyncClient) -> tuple[list[Event], int]:
+        job = await client.submit(prompt, model="mock?delay_ms=0", max_tokens=400, follow=True)
+        events = []
+        async for event in job.events(timeout=60):
+            events.append(event)
+            await asyncio.sleep(0.002)  # far slower than the upstream
+        return events, client.multiplexer.stats["overflows"]
+
+    events, overflows = run(fleet, body, buffer=8)
+    assert overflows >= 1, "the reader should have overrun its live buffer"
+    assert_well_formed(events, events[0].job)
+    assert token_text(events) == "".join(generate(prompt, 400)[0])
+
+
+def test_a_killed_pubsub_connection_is_healed_from_the_log(fleet: Fleet, redis_server: Any) -> None:
+    prompt = marker("killed")
+
+    async def body(client: AsyncClient) -> tuple[list[Event], int]:
+        job = await client.submit(prompt, model="mock?delay_ms=20", max_tokens=60, follow=True)
+        events = []
+        async for event in job.events(timeout=30):
+            events.append(event)
+            if event.seq == 10:
+                admin = redis.Redis(port=redis_server.port)
+                killed = admin.client_kill_filter(_type="pubsub", skipme=True)
+                admin.close()
+                assert killed >= 1
+        stats = client.multiplexer.stats
+        return events, stats["reconnects"] + stats["resubscribes"]
+
+    events, reconnects = run(fleet, body)
+    assert reconnects >= 1
+    assert_well_formed(events, events[0].job)
+    assert token_text(events) == "".join(generate(prompt, 60)[0])
+
+
+def test_errors_and_cancel_raise_job_failed(fleet: Fleet) -> None:
+    async def body(client: AsyncClient) -> None:
+        job = await client.submit(marker("aerr"), model="mock?error_after=2", follow=True)
+        try:
+            await job.text(timeout=30)
+        except JobFailedError as exc:
+            assert exc.event.fields["code"] == "upstream_error"
+            assert len(exc.partial_text) > 0
+        else:
+            raise AssertionError("no JobFailedError")
+        job = await client.submit(marker("acancel"), model="mock?delay_ms=50", max_tokens=200,
+                                  follow=True)  # fmt: skip
+        async for event in job.events(timeout=30):
+            if event.type is EventType.TOKEN:
+                await job.cancel()
+        assert event.type is EventType.CANCELLED
+
+    run(fleet, body)
