@@ -217,14 +217,17 @@ class AsyncClient:
         broker_url: str | None = None,
         prefix: str | None = None,
         settings: Settings | None = None,
-        max_connections: int = 64,
+        max_connections: int = 16,
         buffer: int = BUFFER,
+        client_name: str | None = None,
     ) -> None:
         base = settings or Settings.from_env()
         self.settings = override_settings(base, redis_url, broker_url, prefix)
         self.keys = Keys(self.settings.prefix)
         # A bounded pool: commands wait for a free connection rather than opening more.
-        self.redis = async_redis(self.settings.redis_url, max_connections=max_connections)
+        self.redis = async_redis(
+            self.settings.redis_url, max_connections=max_connections, client_name=client_name
+        )
         self.multiplexer = Multiplexer(self.redis, buffer)
         self._create = self.redis.register_script(scripts.CREATE)
         self._cancel = self.redis.register_script(scripts.CANCEL)
@@ -340,6 +343,11 @@ class AsyncJob:
             await self.open()
             async for event in self._catch_up():
                 yield event
+            if not self.sequencer.done and self.sequencer.last >= 0:
+                # Resuming after the last event of a job that has ended: nothing more to come.
+                state = await self.client.status(self.id)
+                if state.terminal and state.last_seq <= self.sequencer.last:
+                    return
             while not self.sequencer.done:
                 wait = POLL_INTERVAL
                 if deadline is not None:

@@ -240,6 +240,11 @@ class Subscription:
         try:
             self.open()
             yield from self._catch_up()
+            if not self.sequencer.done and self.sequencer.last >= 0:
+                # Resuming after the last event of a job that has ended: nothing more to come.
+                state = self._client.status(self.job_id)
+                if state.terminal and state.last_seq <= self.sequencer.last:
+                    return
             while not self.sequencer.done:
                 wait = POLL_INTERVAL
                 if deadline is not None:

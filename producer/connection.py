@@ -36,8 +36,19 @@ def sync_redis(url: str, *, max_connections: int | None = None) -> redis.Redis:
     return redis.Redis.from_url(url, **_options(max_connections))
 
 
-def async_redis(url: str, *, max_connections: int | None = None) -> redis.asyncio.Redis:
-    """An asyncio client for ``url``."""
+def async_redis(
+    url: str, *, max_connections: int | None = None, client_name: str | None = None
+) -> redis.asyncio.Redis:
+    """An asyncio client for ``url``.
+
+    With ``max_connections`` the pool is a blocking one: a command waits for a free connection
+    instead of opening another, so a busy process holds a fixed number of connections.
+    """
     options = _options(max_connections)
     options["retry"] = AsyncRetry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), RETRIES)
-    return redis.asyncio.Redis.from_url(url, **options)
+    if client_name:
+        options["client_name"] = client_name
+    if max_connections is None:
+        return redis.asyncio.Redis.from_url(url, **options)
+    pool = redis.asyncio.BlockingConnectionPool.from_url(url, timeout=30, **options)
+    return redis.asyncio.Redis(connection_pool=pool, retry=options["retry"])

@@ -25,6 +25,8 @@ DEFAULT_READ_TIMEOUT: Final = 60.0
 DEFAULT_LEASE_SECONDS: Final = 10.0
 DEFAULT_MAX_ATTEMPTS: Final = 3
 DEFAULT_SHUTDOWN_GRACE: Final = 30.0
+DEFAULT_KEEPALIVE_SECONDS: Final = 15.0
+DEFAULT_MAX_BODY_BYTES: Final = 4 * 1024 * 1024
 
 #: Every environment variable the settings read, for checks of deployment files.
 ENV_PREFIX: Final = "TOKENRELAY_"
@@ -95,6 +97,34 @@ def _read_key(env: Mapping[str, str]) -> str | None:
     return key or None
 
 
+def _read_gateway_keys(env: Mapping[str, str]) -> tuple[str, ...]:
+    """Client keys of the gateway: a comma- or space-separated list, or a file of them."""
+    raw = env.get("TOKENRELAY_API_KEYS") or ""
+    path = env.get("TOKENRELAY_API_KEYS_FILE")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                raw += "\n" + handle.read()
+        except OSError as exc:
+            raise SettingsError(
+                f"TOKENRELAY_API_KEYS_FILE: cannot read the file: {exc.strerror}"
+            ) from None
+    keys = tuple(dict.fromkeys(k for k in raw.replace(",", " ").split() if not k.startswith("#")))
+    for key in keys:
+        if len(key) < 16:
+            raise SettingsError("TOKENRELAY_API_KEYS: every key must be at least 16 characters")
+    return keys
+
+
+def _boolean(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {raw!r}")
+
+
 _REDIS_SCHEMES: Final = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 
 
@@ -117,6 +147,11 @@ class Settings:
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    # The gateway's.
+    api_keys: tuple[str, ...] = field(default=(), repr=False, compare=False)
+    cancel_on_disconnect: bool = True
+    keepalive_seconds: float = DEFAULT_KEEPALIVE_SECONDS
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -158,6 +193,14 @@ class Settings:
             shutdown_grace=_parse(
                 env, "TOKENRELAY_SHUTDOWN_GRACE", DEFAULT_SHUTDOWN_GRACE, _positive(float)
             ),
+            api_keys=_read_gateway_keys(env),
+            cancel_on_disconnect=_parse(env, "TOKENRELAY_CANCEL_ON_DISCONNECT", True, _boolean),
+            keepalive_seconds=_parse(
+                env, "TOKENRELAY_KEEPALIVE_SECONDS", DEFAULT_KEEPALIVE_SECONDS, _positive(float)
+            ),
+            max_body_bytes=_parse(
+                env, "TOKENRELAY_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, _positive(int)
+            ),
         )
 
     @property
@@ -185,5 +228,10 @@ KNOWN_VARIABLES: Final = frozenset(
         "TOKENRELAY_LEASE_SECONDS",
         "TOKENRELAY_MAX_ATTEMPTS",
         "TOKENRELAY_SHUTDOWN_GRACE",
+        "TOKENRELAY_API_KEYS",
+        "TOKENRELAY_API_KEYS_FILE",
+        "TOKENRELAY_CANCEL_ON_DISCONNECT",
+        "TOKENRELAY_KEEPALIVE_SECONDS",
+        "TOKENRELAY_MAX_BODY_BYTES",
     }
 )

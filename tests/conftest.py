@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +20,15 @@ import pytest
 import requests
 
 from producer import Client
-from producer.devservers import Process, RedisServer, free_port, mock_upstream, start_worker
+from producer.devservers import (
+    Process,
+    RedisServer,
+    free_port,
+    http_answers,
+    mock_upstream,
+    start_worker,
+    wait_until,
+)
 from producer.settings import Settings
 
 SHORT_TTL = 2
@@ -150,3 +159,44 @@ def client(fleet: Fleet) -> Iterator[Client]:
 def marker(name: str) -> str:
     """A unique prompt head, so a test can find its own request in the mock's records."""
     return f"[{name}-{secrets.token_hex(4)}]"
+
+
+@dataclass
+class Gateway:
+    url: str
+    process: Process
+    keys: tuple[str, ...] = ()
+
+    def log(self) -> str:
+        return self.process.output()
+
+
+def _start_gateway(name: str, fleet: Fleet, run_dir: Path, extra: dict[str, str]) -> Gateway:
+    port = free_port()
+    # The gateway never calls the upstream: it gets no upstream key.
+    env = {k: v for k, v in fleet.env.items() if k != "TOKENRELAY_UPSTREAM_API_KEY"}
+    env.update(extra)
+    args = [sys.executable, "-m", "producer.cli", "gateway", "--port", str(port)]
+    process = Process(args, env=env, log_path=run_dir / f"gateway-{name}.log")
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: http_answers(url + "/healthz"), 30, f"gateway {name}")
+    keys = tuple(extra.get("TOKENRELAY_API_KEYS", "").split(",")) if extra else ()
+    return Gateway(url, process, tuple(k for k in keys if k))
+
+
+@pytest.fixture(scope="session")
+def gateway(fleet: Fleet, run_dir: Path) -> Iterator[Gateway]:
+    """An open gateway (no client keys) in front of the main fleet."""
+    started = _start_gateway("open", fleet, run_dir, {})
+    yield started
+    started.process.stop()
+
+
+@pytest.fixture(scope="session")
+def keyed_gateway(fleet: Fleet, run_dir: Path) -> Iterator[Gateway]:
+    """A gateway with two client keys, i.e. two tenants."""
+    keys = "tenant-one-" + secrets.token_hex(8), "tenant-two-" + secrets.token_hex(8)
+    extra = {"TOKENRELAY_API_KEYS": ",".join(keys), "TOKENRELAY_MAX_BODY_BYTES": "65536"}
+    started = _start_gateway("keyed", fleet, run_dir, extra)
+    yield started
+    started.process.stop()

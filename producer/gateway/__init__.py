@@ -1,0 +1,24 @@
+"""The HTTP gateway: Together- and OpenAI-compatible routes and the jobs API, on Starlette.
+
+    tokenrelay gateway --host 0.0.0.0 --port 8000
+"""
+
+from __future__ import annotations
+
+import uvicorn
+
+from producer.gateway.app import create_app
+
+__all__ = ["create_app", "serve"]
+
+
+def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the gateway under uvicorn until interrupted."""
+    uvicorn.run(
+        create_app(),
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=False,  # query strings may hold an access token
+        timeout_graceful_shutdown=5,
+    )

@@ -1,0 +1,111 @@
+"""Server-Sent Events out of the gateway: frame encoding and an ASGI response that notices a
+client leaving even while the stream is idle.
+
+Every frame is sent as its own HTTP chunk (chunked transfer encoding, never gzip), so clients
+built on requests + sseclient-py see each event the moment it is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Final
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+DONE_FRAME: Final = b"data: [DONE]\n\n"
+KEEPALIVE_FRAME: Final = b": keep-alive\n\n"
+SSE_HEADERS: Final = {
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # tell reverse proxies not to buffer the stream
+    "Connection": "keep-alive",
+}
+
+
+def frame(data: bytes | str, event_id: int | None = None) -> bytes:
+    """One SSE event: ``id:`` (optional) and one ``data:`` line (``data`` holds no newline)."""
+    payload = data.encode() if isinstance(data, str) else data
+    head = b"" if event_id is None else b"id: %d\n" % event_id
+    return head + b"data: " + payload + b"\n\n"
+
+
+class EventStream(Response):
+    """Streams ``frames`` as ``text/event-stream``; calls ``on_disconnect`` if the client leaves
+    before the stream ends (whether or not a frame was being sent at that moment)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        frames: AsyncIterator[bytes],
+        *,
+        on_disconnect: Callable[[], Awaitable[None]] | None = None,
+        status_code: int = 200,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.frames = frames
+        self.on_disconnect = on_disconnect
+        self.status_code = status_code
+        self.background = None
+        self.init_headers({**SSE_HEADERS, **(headers or {})})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pump = asyncio.ensure_future(self._pump(send))
+        watch = asyncio.ensure_future(_wait_for_disconnect(receive))
+        try:
+            await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            left = watch.done() and not pump.done()
+            for task in (pump, watch):
+                task.cancel()
+            for task in (pump, watch):
+                with contextlib.suppress(asyncio.CancelledError, OSError, Exception):
+                    await task
+            with contextlib.suppress(Exception):
+                await self.frames.aclose()  # type: ignore[attr-defined]
+        if pump.done() and not pump.cancelled() and pump.exception() is not None:
+            left = True  # the client went away while we were writing to it
+        if left and self.on_disconnect is not None:
+            await self.on_disconnect()
+
+    async def _pump(self, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        async for chunk in self.frames:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def with_keepalive(frames: AsyncIterator[bytes], interval: float) -> AsyncIterator[bytes]:
+    """``frames``, with a comment frame whenever ``interval`` seconds pass without one."""
+    iterator = frames.__aiter__()
+    pending: asyncio.Future[bytes] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(iterator.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield KEEPALIVE_FRAME
+                continue
+            try:
+                chunk = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield chunk
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
+                await pending

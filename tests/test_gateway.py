@@ -1,0 +1,432 @@
+"""The HTTP gateway end to end: real clients (the Together sample, the openai and together SDKs,
+requests) against a gateway process in front of a real worker and the mock upstream."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from typing import Any
+
+import pytest
+import requests
+import sseclient
+
+from producer import Client, EventType, Status
+from producer.mock_upstream import generate
+from tests.conftest import Gateway, Mock, marker
+
+
+def expected(prompt: str, max_tokens: int) -> str:
+    return "".join(generate(prompt, max_tokens)[0])
+
+
+def test_the_together_sample_client_works_unchanged(
+    gateway: Gateway, client: Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Together's published sample, with only its URL pointed at the gateway.
+    url = gateway.url + "/inference"
+    headers = {"Authorization": "Bearer any-key", "Content-Type": "application/json"}
+    payload = {
+        "model": "mock?delay_ms=5",
+        "prompt": "Alan Turing was",
+        "max_tokens": 32,
+        "stop": ["</s>"],
+        "temperature": 0.7,
+        "top_p": 0.7,
+        "top_k": 50,
+        "repetition_penalty": 1,
+        "stream_tokens": True,
+    }
+    response = requests.post(url, json=payload, headers=headers, stream=True, timeout=30)
+    response.raise_for_status()
+    sse = sseclient.SSEClient(response)  # type: ignore[arg-type]
+    ids = set()
+    for event in sse.events():
+        if event.data == "[DONE]":
+            break
+        partial_result = json.loads(event.data)
+        token = partial_result["choices"][0]["text"]
+        print(token, end="", flush=True)
+        ids.add(partial_result["id"])
+
+    printed = capsys.readouterr().out
+    assert printed == expected("Alan Turing was", 32)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers.get("transfer-encoding") == "chunked"
+    assert "content-encoding" not in response.headers
+    (job_id,) = ids
+    assert client.subscribe(job_id).text(timeout=10) == printed
+
+
+def test_each_event_is_its_own_chunk_with_no_event_lines(gateway: Gateway) -> None:
+    """A token is readable the moment it is sent, not one event late."""
+    body = {"model": "mock?delay_ms=300", "prompt": marker("chunk"), "max_tokens": 3,
+            "stream_tokens": True}  # fmt: skip
+    with requests.post(gateway.url + "/inference", json=body, stream=True, timeout=30) as response:
+        raw = response.raw
+        first = raw.read1(65536) if hasattr(raw, "read1") else raw.read(1)
+        started = time.monotonic()
+        rest = b""
+        while chunk := raw.read1(65536):
+            rest += chunk
+        assert time.monotonic() - started > 0.4  # the rest came later, token by token
+    assert first.startswith(b"data: {") and first.endswith(b"\n\n")
+    assert first.count(b"data:") == 1
+    assert b"event:" not in first + rest
+    assert rest.endswith(b"data: [DONE]\n\n")
+
+
+def test_together_non_streaming(gateway: Gateway) -> None:
+    prompt = marker("together")
+    body = {"model": "mock", "prompt": prompt, "max_tokens": 12, "top_k": None, "unknown": 1}
+    response = requests.post(gateway.url + "/inference", json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["output"]["choices"][0]["text"] == expected(prompt, 12)
+    assert answer["output"]["usage"]["completion_tokens"] == 12
+    assert answer["choices"][0]["finish_reason"] == "length"
+
+
+def openai_client(gateway: Gateway, key: str = "unused") -> Any:
+    from openai import OpenAI
+
+    return OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=30)
+
+
+def together_client(gateway: Gateway) -> Any:
+    from together import Together
+
+    return Together(base_url=gateway.url, api_key="unused", max_retries=0, timeout=30)
+
+
+@pytest.mark.parametrize("sdk", ["openai", "together"])
+def test_sdk_completions_streaming_and_not(gateway: Gateway, sdk: str) -> None:
+    api = openai_client(gateway) if sdk == "openai" else together_client(gateway)
+    prompt = marker(sdk)
+    whole = api.completions.create(model="mock", prompt=prompt, max_tokens=20)
+    assert whole.choices[0].text == expected(prompt, 20)
+    assert whole.usage.completion_tokens == 20
+
+    options = {"stream_options": {"include_usage": True}} if sdk == "openai" else {}
+    chunks = list(api.completions.create(model="mock", prompt=prompt, max_tokens=20,
+                                         stream=True, **options))  # fmt: skip
+    text = "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].text)
+    assert text == expected(prompt, 20)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length"
+    if sdk == "openai":
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+
+
+@pytest.mark.parametrize("sdk", ["openai", "together"])
+def test_sdk_chat_streaming_and_not(gateway: Gateway, sdk: str) -> None:
+    api = openai_client(gateway) if sdk == "openai" else together_client(gateway)
+    content = marker(sdk + "-chat") + " Tell me about Alan Turing."
+    messages = [{"role": "user", "content": content}]
+    whole = api.chat.completions.create(model="mock", messages=messages, max_tokens=15)
+    assert whole.choices[0].message.content == expected(content, 15)
+    assert whole.choices[0].message.role == "assistant"
+
+    stream = api.chat.completions.create(model="mock", messages=messages, max_tokens=15,
+                                         stream=True)  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected(content, 15)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_openai_sdk_sees_an_upstream_error_mid_stream(gateway: Gateway) -> None:
+    import openai
+
+    api = openai_client(gateway)
+    stream = api.completions.create(model="mock?error_after=3", prompt=marker("e"),
+                                    max_tokens=10, stream=True)  # fmt: skip
+    received = []
+    with pytest.raises(openai.APIError, match="mock upstream error after 3 tokens"):
+        for chunk in stream:
+            received.append(chunk.choices[0].text)
+    assert len(received) == 3
+
+
+def test_an_upstream_refusal_before_the_first_token_is_an_http_error(gateway: Gateway) -> None:
+    import openai
+
+    api = openai_client(gateway)
+    with pytest.raises(openai.RateLimitError):
+        api.completions.create(model="mock?status=429&retry_after=0", prompt=marker("rl"),
+                               max_tokens=5, stream=True)  # fmt: skip
+    with pytest.raises(openai.InternalServerError):
+        api.completions.create(model="mock?status=500", prompt=marker("500"), max_tokens=5)
+
+
+def test_bad_requests_name_the_field(gateway: Gateway) -> None:
+    import openai
+
+    api = openai_client(gateway)
+    with pytest.raises(openai.BadRequestError, match="max_tokens: must be between 1"):
+        api.completions.create(model="mock", prompt="hi", max_tokens=-1)
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        api.chat.completions.create(model="mock", messages=[], max_tokens=5)
+    response = requests.post(gateway.url + "/v1/completions", data=b"{not json", timeout=10)
+    assert response.status_code == 400
+    assert "malformed JSON" in response.json()["error"]["message"]
+    response = requests.post(gateway.url + "/v1/jobs", json={"prompt": 5}, timeout=10)
+    assert response.status_code == 422
+    assert response.json()["error"] == {
+        "message": "prompt: must be a string, not a number",
+        "type": "invalid_request_error",
+        "param": "prompt",
+        "code": None,
+    }
+
+
+# --- jobs API -------------------------------------------------------------------------------
+
+
+def read_sse(response: requests.Response) -> list[tuple[int, dict[str, Any]]]:
+    events = []
+    for event in sseclient.SSEClient(response).events():  # type: ignore[arg-type]
+        events.append((int(event.id), json.loads(event.data)))
+    return events
+
+
+def create(gateway: Gateway, **body: Any) -> dict[str, Any]:
+    response = requests.post(gateway.url + "/v1/jobs", json=body, timeout=10)
+    assert response.status_code == 202, response.text
+    created: dict[str, Any] = response.json()
+    assert response.headers["location"] == created["url"]
+    return created
+
+
+def test_jobs_api_events_and_resume_with_last_event_id(gateway: Gateway) -> None:
+    prompt = marker("jobs")
+    job = create(gateway, prompt=prompt, model="mock?delay_ms=20", max_tokens=30)
+    events_url = gateway.url + job["events_url"]
+
+    # A reader that drops out after seq 9 and comes back with Last-Event-ID.
+    first: list[tuple[int, dict[str, Any]]] = []
+    with requests.get(events_url, stream=True, timeout=30) as response:
+        for event in sseclient.SSEClient(response).events():  # type: ignore[arg-type]
+            first.append((int(event.id), json.loads(event.data)))
+            if int(event.id) == 9:
+                break
+    with requests.get(events_url, headers={"Last-Event-ID": "9"}, stream=True,
+                      timeout=30) as response:  # fmt: skip
+        resumed = read_sse(response)
+    whole = first + resumed
+    assert [seq for seq, _ in whole] == list(range(32))
+    assert all(seq == event["seq"] for seq, event in whole)
+    assert "".join(e["text"] for _, e in whole if e["type"] == "token") == expected(prompt, 30)
+    assert whole[-1][1]["type"] == "done"
+
+    # After the end: from the middle, from the last event (nothing), and a second full reader.
+    with requests.get(events_url, headers={"Last-Event-ID": "29"}, stream=True,
+                      timeout=10) as response:  # fmt: skip
+        assert [seq for seq, _ in read_sse(response)] == [30, 31]
+    with requests.get(events_url, headers={"Last-Event-ID": "31"}, stream=True,
+                      timeout=10) as response:  # fmt: skip
+        assert read_sse(response) == []
+    with requests.get(events_url, stream=True, timeout=10) as response:
+        assert read_sse(response) == whole
+
+    state = requests.get(gateway.url + job["url"], timeout=10).json()
+    assert state["status"] == "done" and state["tokens"] == 30
+
+
+def test_two_readers_of_one_job_get_the_same_events(gateway: Gateway) -> None:
+    job = create(gateway, prompt=marker("two"), model="mock?delay_ms=15", max_tokens=40)
+    results: list[list[tuple[int, dict[str, Any]]]] = [[], []]
+
+    def read(i: int) -> None:
+        with requests.get(gateway.url + job["events_url"], stream=True, timeout=30) as response:
+            results[i] = read_sse(response)
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert results[0] == results[1] and len(results[0]) == 42
+
+
+def test_cancel_through_the_api(gateway: Gateway, mock: Mock) -> None:
+    prompt = marker("apicancel")
+    job = create(gateway, prompt=prompt, model="mock?delay_ms=50", max_tokens=400)
+    seen = []
+    with requests.get(gateway.url + job["events_url"], stream=True, timeout=30) as response:
+        for event in sseclient.SSEClient(response).events():  # type: ignore[arg-type]
+            data = json.loads(event.data)
+            seen.append(data["type"])
+            if data["type"] == "token" and data["seq"] == 3:
+                answer = requests.post(gateway.url + job["url"] + "/cancel", timeout=10)
+                assert answer.status_code == 200
+    assert seen[-1] == "cancelled" and seen.count("token") < 20
+    wait_for_upstream_state(mock, prompt, "disconnected")
+
+
+def wait_for_upstream_state(mock: Mock, prompt: str, state: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while mock.record(prompt)["state"] != state:
+        assert time.monotonic() < deadline, mock.record(prompt)
+        time.sleep(0.05)
+
+
+def test_a_compat_client_that_leaves_cancels_its_job(
+    gateway: Gateway, client: Client, mock: Mock
+) -> None:
+    prompt = marker("leave")
+    body = {"model": "mock?delay_ms=50", "prompt": prompt, "max_tokens": 400, "stream": True}
+    response = requests.post(gateway.url + "/v1/completions", json=body, stream=True, timeout=30)
+    lines = response.iter_lines()
+    first = next(line for line in lines if line.startswith(b"data:"))
+    job_id = json.loads(first[5:])["id"].removeprefix("cmpl-")
+    response.close()  # the client goes away mid-stream
+    deadline = time.monotonic() + 10
+    while client.status(job_id).status is not Status.CANCELLED:
+        assert time.monotonic() < deadline, client.status(job_id)
+        time.sleep(0.05)
+    wait_for_upstream_state(mock, prompt, "disconnected")
+
+
+def test_a_jobs_reader_that_leaves_only_detaches(gateway: Gateway, client: Client) -> None:
+    job = create(gateway, prompt=marker("detach"), model="mock?delay_ms=20", max_tokens=40)
+    with requests.get(gateway.url + job["events_url"], stream=True, timeout=30) as response:
+        for event in sseclient.SSEClient(response).events():  # type: ignore[arg-type]
+            if json.loads(event.data)["type"] == "token":
+                break
+    events = list(client.subscribe(job["id"]).events(timeout=30))
+    assert events[-1].type is EventType.DONE
+
+
+def test_idle_streams_get_keepalive_comments(fleet: Any, run_dir: Any) -> None:
+    from tests.conftest import _start_gateway
+
+    quick = _start_gateway("keepalive", fleet, run_dir, {"TOKENRELAY_KEEPALIVE_SECONDS": "0.2"})
+    try:
+        job = create(quick, prompt=marker("idle"), model="mock?delay_ms=700", max_tokens=2)
+        with requests.get(quick.url + job["events_url"], stream=True, timeout=30) as response:
+            raw = b"".join(response.iter_content(None))
+        assert raw.count(b": keep-alive\n\n") >= 3
+        assert raw.count(b"data: ") == 4
+    finally:
+        quick.process.stop()
+
+
+def test_many_concurrent_sse_clients_on_few_redis_connections(
+    gateway: Gateway, redis_server: Any
+) -> None:
+    import redis
+
+    admin = redis.Redis(port=redis_server.port)
+    prompts = [marker(f"fan{i}") for i in range(200)]
+    texts: dict[int, str] = {}
+    peak = [0]
+
+    def stream(i: int) -> None:
+        body = {"model": "mock?delay_ms=30", "prompt": prompts[i], "max_tokens": 30,
+                "stream_tokens": True}  # fmt: skip
+        with requests.post(gateway.url + "/inference", json=body, stream=True,
+                           timeout=60) as response:  # fmt: skip
+            parts = []
+            for event in sseclient.SSEClient(response).events():  # type: ignore[arg-type]
+                if event.data == "[DONE]":
+                    break
+                parts.append(json.loads(event.data)["choices"][0]["text"])
+            texts[i] = "".join(parts)
+
+    def gateway_connections() -> int:
+        return sum(1 for c in admin.client_list() if c.get("name") == "tokenrelay-gateway")
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(200)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 90
+    while any(t.is_alive() for t in threads):
+        assert time.monotonic() < deadline, "clients did not finish"
+        peak[0] = max(peak[0], gateway_connections())
+        time.sleep(0.05)
+    admin.close()
+    assert len(texts) == 200
+    for i, prompt in enumerate(prompts):
+        assert texts[i] == expected(prompt, 30), i
+    assert 1 <= peak[0] <= 9, f"the gateway held {peak[0]} Redis connections"
+
+
+# --- keys and tenants -------------------------------------------------------------------------
+
+
+def test_keys_are_required_and_jobs_are_private_to_their_key(keyed_gateway: Gateway) -> None:
+    url = keyed_gateway.url
+    one, two = ({"Authorization": f"Bearer {key}"} for key in keyed_gateway.keys)
+    body = {"prompt": marker("tenant"), "max_tokens": 5}
+
+    missing = requests.post(url + "/v1/jobs", json=body, timeout=10)
+    assert missing.status_code == 401
+    assert missing.json()["error"]["type"] == "authentication_error"
+    wrong = requests.post(url + "/v1/jobs", json=body, timeout=10,
+                          headers={"Authorization": "Bearer not-a-key-at-all"})  # fmt: skip
+    assert wrong.status_code == 401 and "not-a-key" not in wrong.text
+    assert requests.post(url + "/inference", json=body, timeout=10).status_code == 401
+
+    created = requests.post(url + "/v1/jobs", json=body, headers=one, timeout=10).json()
+    job_url = url + created["url"]
+    assert requests.get(job_url, headers=one, timeout=10).status_code == 200
+    for other in (two,):
+        assert requests.get(job_url, headers=other, timeout=10).status_code == 404
+        assert requests.get(job_url + "/events", headers=other, timeout=10).status_code == 404
+        assert requests.post(job_url + "/cancel", headers=other, timeout=10).status_code == 404
+    # A browser's EventSource sends the key in the query string.
+    token = keyed_gateway.keys[0]
+    with requests.get(job_url + "/events", params={"access_token": token}, stream=True,
+                      timeout=30) as response:  # fmt: skip
+        assert response.status_code == 200
+        assert read_sse(response)[-1][1]["type"] == "done"
+    # The other tenant cannot take the id either.
+    taken = requests.post(url + "/v1/jobs", json={**body, "job_id": created["id"]},
+                          headers=two, timeout=10)  # fmt: skip
+    assert taken.status_code == 409
+
+
+def test_oversized_and_malformed_bodies(keyed_gateway: Gateway) -> None:
+    headers = {"Authorization": f"Bearer {keyed_gateway.keys[0]}"}
+    big = {"prompt": "x" * 70_000}
+    response = requests.post(keyed_gateway.url + "/v1/jobs", json=big, headers=headers,
+                             timeout=10)  # fmt: skip
+    assert response.status_code == 413
+    assert "larger than the limit of 65536 bytes" in response.json()["error"]["message"]
+    response = requests.post(keyed_gateway.url + "/v1/jobs", data=b"[1, 2", headers=headers,
+                             timeout=10)  # fmt: skip
+    assert response.status_code == 400
+    response = requests.post(keyed_gateway.url + "/v1/jobs", json=[1], headers=headers,
+                             timeout=10)  # fmt: skip
+    assert response.status_code == 400 and "JSON object" in response.text
+    assert requests.get(keyed_gateway.url + "/v1/jobs/nope", headers=headers,
+                        timeout=10).status_code == 404  # fmt: skip
+
+
+def test_health_and_openapi(gateway: Gateway) -> None:
+    health = requests.get(gateway.url + "/healthz", timeout=10)
+    assert health.status_code == 200 and health.json()["redis"] == "ok"
+    spec = requests.get(gateway.url + "/openapi.json", timeout=10).json()
+    assert spec["openapi"].startswith("3.")
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events",
+            "/v1/jobs/{job_id}/cancel"} <= set(spec["paths"])  # fmt: skip
+    assert "open to anyone" in gateway.log()
+
+
+def test_the_gateway_never_leaks_the_upstream_key(gateway: Gateway, api_key: str) -> None:
+    # The gateway process is not even given the key; its answers and its log never hold it.
+    body = {"model": "mock?status=401", "prompt": marker("k"), "max_tokens": 3}
+    answer = requests.post(gateway.url + "/v1/completions", json=body, timeout=30)
+    assert answer.status_code == 502
+    assert api_key[-16:] not in answer.text and api_key[-16:] not in gateway.log()
+
+
+def test_socket_closed_without_reading_does_not_hurt_the_gateway(gateway: Gateway) -> None:
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"POST /inference HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+    assert requests.get(gateway.url + "/healthz", timeout=10).status_code == 200
