@@ -31,6 +31,8 @@ def test_documented_numeric_defaults_are_the_real_ones() -> None:
         ("TOKENRELAY_LEASE_SECONDS", "lease_seconds"),
         ("TOKENRELAY_MAX_ATTEMPTS", "max_attempts"),
         ("TOKENRELAY_SHUTDOWN_GRACE", "shutdown_grace"),
+        ("TOKENRELAY_KEEPALIVE_SECONDS", "keepalive_seconds"),
+        ("TOKENRELAY_MAX_BODY_BYTES", "max_body_bytes"),
     ]:
         assert float(table[name].strip("`")) == float(getattr(defaults, field)), name
     assert table["TOKENRELAY_DEFAULT_MODEL"] == f"`{defaults.default_model}`"
@@ -43,3 +45,13 @@ def test_readme_opens_with_the_two_setup_commands() -> None:
     text = README.read_text()
     assert text.index("make demo") < text.index("## From Python")
     assert text.index("make test") < text.index("## From Python")
+
+
+def test_readme_shows_every_gateway_route() -> None:
+    from producer.gateway.app import Gateway
+
+    text = README.read_text()
+    for route in Gateway.routes(Gateway.__new__(Gateway)):
+        path = route.path.replace("{job_id}", "JOB_ID")
+        if path != "/":
+            assert f"$G{path}" in text, f"no curl example for {route.path}"
