@@ -237,7 +237,7 @@ class AsyncClient:
         await self.multiplexer.close()
         if self._enqueuer is not None:
             await asyncio.to_thread(self._enqueuer.close)
-        await self.redis.aclose()
+        await self.redis.aclose(close_connection_pool=True)
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -150,7 +150,7 @@ class Keys:
 
     @property
     def running(self) -> str:
-        """Sorted set of running job ids, scored by lease expiry (ms since the epoch)."""
+        """Sorted set of claimed job ids, scored by claim time (ms), watched by every reaper."""
         return f"{self.prefix}:running"
 
     def worker(self, worker_id: str) -> str:

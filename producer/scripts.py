@@ -10,6 +10,7 @@ Every script is idempotent where a retry after a lost reply can happen:
 - ``RENEW``    worker: extend the lease while holding the job; report a cancel request.
 - ``CANCEL``   anyone: end a queued job at once, or flag a running one for its worker.
 - ``RELEASE``  worker: give a job back to the queue (graceful shutdown), keeping its log.
+- ``TAKEOVER`` worker: decide, once per attempt, to re-enqueue a running job whose lease lapsed.
 """
 
 from __future__ import annotations
@@ -107,4 +108,20 @@ redis.call('HSET', KEYS[1], 'status', 'queued')
 redis.call('HDEL', KEYS[1], 'owner')
 redis.call('DEL', KEYS[2])
 return 1
+"""
+
+# KEYS: state, lease. Run by every worker's reaper for each job in the running set.
+# Returns what to do: gone|finished (drop it from the set), live|queued (leave it), taken
+# (another worker re-enqueued this attempt already) or requeue (this caller must re-enqueue it;
+# exactly one caller gets this per lapsed attempt).
+TAKEOVER: Final = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'gone' end
+if status == 'done' or status == 'error' or status == 'cancelled' then return 'finished' end
+if status ~= 'running' then return 'queued' end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 'live' end
+local attempt = redis.call('HGET', KEYS[1], 'attempt')
+if redis.call('HGET', KEYS[1], 'requeued') == attempt then return 'taken' end
+redis.call('HSET', KEYS[1], 'requeued', attempt)
+return 'requeue'
 """

@@ -25,6 +25,8 @@ DEFAULT_READ_TIMEOUT: Final = 60.0
 DEFAULT_LEASE_SECONDS: Final = 10.0
 DEFAULT_MAX_ATTEMPTS: Final = 3
 DEFAULT_SHUTDOWN_GRACE: Final = 30.0
+DEFAULT_UPSTREAM_RETRIES: Final = 4
+DEFAULT_UPSTREAM_RETRY_WAIT: Final = 30.0
 DEFAULT_KEEPALIVE_SECONDS: Final = 15.0
 DEFAULT_MAX_BODY_BYTES: Final = 4 * 1024 * 1024
 
@@ -54,6 +56,16 @@ def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
         value = kind(raw)
         if not value > 0:  # type: ignore[operator]
             raise ValueError(f"must be greater than 0, got {raw!r}")
+        return value
+
+    return convert
+
+
+def _non_negative(kind: Callable[[str], T]) -> Callable[[str], T]:
+    def convert(raw: str) -> T:
+        value = kind(raw)
+        if value < 0:  # type: ignore[operator]
+            raise ValueError(f"must be 0 or more, got {raw!r}")
         return value
 
     return convert
@@ -147,6 +159,8 @@ class Settings:
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    upstream_retries: int = DEFAULT_UPSTREAM_RETRIES
+    upstream_retry_wait: float = DEFAULT_UPSTREAM_RETRY_WAIT
     # The gateway's.
     api_keys: tuple[str, ...] = field(default=(), repr=False, compare=False)
     cancel_on_disconnect: bool = True
@@ -193,6 +207,12 @@ class Settings:
             shutdown_grace=_parse(
                 env, "TOKENRELAY_SHUTDOWN_GRACE", DEFAULT_SHUTDOWN_GRACE, _positive(float)
             ),
+            upstream_retries=_parse(
+                env, "TOKENRELAY_UPSTREAM_RETRIES", DEFAULT_UPSTREAM_RETRIES, _non_negative(int)
+            ),
+            upstream_retry_wait=_parse(
+                env, "TOKENRELAY_UPSTREAM_RETRY_WAIT", DEFAULT_UPSTREAM_RETRY_WAIT, _positive(float)
+            ),
             api_keys=_read_gateway_keys(env),
             cancel_on_disconnect=_parse(env, "TOKENRELAY_CANCEL_ON_DISCONNECT", True, _boolean),
             keepalive_seconds=_parse(
@@ -228,6 +248,8 @@ KNOWN_VARIABLES: Final = frozenset(
         "TOKENRELAY_LEASE_SECONDS",
         "TOKENRELAY_MAX_ATTEMPTS",
         "TOKENRELAY_SHUTDOWN_GRACE",
+        "TOKENRELAY_UPSTREAM_RETRIES",
+        "TOKENRELAY_UPSTREAM_RETRY_WAIT",
         "TOKENRELAY_API_KEYS",
         "TOKENRELAY_API_KEYS_FILE",
         "TOKENRELAY_CANCEL_ON_DISCONNECT",

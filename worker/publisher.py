@@ -49,6 +49,7 @@ class Scripts:
         self.publish = client.register_script(scripts.PUBLISH)
         self.renew = client.register_script(scripts.RENEW)
         self.release = client.register_script(scripts.RELEASE)
+        self.takeover = client.register_script(scripts.TAKEOVER)
 
 
 def now_ms() -> int:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Final
 
 from producer import scripts
 from producer.protocol import EventType, StateField
@@ -37,12 +38,18 @@ def run_job(runtime: Runtime, job_id: str, spec_data: Mapping[str, Any] | None) 
     """Run one delivery of a job; return how it ended (for logs and tests)."""
     settings, keys = runtime.settings, runtime.keys
     owner = runtime.new_owner()
+    # Registered before the claim, so a reaper sees the job even if this worker dies right after.
+    runtime.redis.zadd(keys.running, {job_id: now_ms()})
     taken = claim(runtime.scripts, keys, job_id, owner, runtime.lease_ms)
     if taken.outcome == "missing" and spec_data is not None:
         # Enqueued by a plain Celery client that did not create the job's state first.
         _create_state(runtime, job_id, spec_data)
         taken = claim(runtime.scripts, keys, job_id, owner, runtime.lease_ms)
     if taken.outcome != "claimed":
+        # Finished, or running elsewhere under a live lease: this delivery is dropped (and
+        # acknowledged), so a redelivered message never runs a job twice.
+        if taken.outcome in ("finished", "missing"):
+            runtime.redis.zrem(keys.running, job_id)
         log.info("job %s: not run, %s", job_id, taken.outcome)
         return taken.outcome
     publisher = JobPublisher(
@@ -58,7 +65,10 @@ def run_job(runtime: Runtime, job_id: str, spec_data: Mapping[str, Any] | None) 
     runtime.register(active)
     started = time.monotonic()
     try:
-        return _run_claimed(runtime, active, publisher, taken.attempt, taken.cancel, spec_data)
+        outcome = _run_claimed(runtime, active, publisher, taken.attempt, taken.cancel, spec_data)
+        if publisher.finished and outcome != "fenced":
+            runtime.redis.zrem(keys.running, job_id)
+        return outcome
     finally:
         runtime.unregister(active)
         log.info(
@@ -101,10 +111,30 @@ def _run_claimed(
         return "error"
     except Fenced:
         return "fenced"
+    except JobStop as stop:
+        if str(stop) != "shutdown":
+            raise
+        return _hand_back(runtime, active, publisher)
     except Exception:
         log.exception("job %s: unexpected failure", active.job_id)
         publisher.finish(EventType.ERROR, code="internal", message="the worker failed unexpectedly")
         return "error"
+
+
+def _hand_back(runtime: Runtime, active: ActiveJob, publisher: JobPublisher) -> str:
+    """The worker is stopping: publish what was produced, release the job, queue it again."""
+    keys = runtime.keys
+    try:
+        publisher.flush()
+    except Fenced:
+        return "fenced"
+    released = runtime.scripts.release(
+        keys=[keys.state(active.job_id), keys.lease(active.job_id)], args=[active.owner]
+    )
+    if released:
+        runtime.requeue(active.job_id)
+        log.warning("job %s: handed back to the queue at shutdown", active.job_id)
+    return "released"
 
 
 def _status_of(exc: JobFailed) -> int | None:
@@ -163,34 +193,115 @@ def _check(active: ActiveJob, publisher: JobPublisher) -> None:
 def _stream(
     runtime: Runtime, active: ActiveJob, publisher: JobPublisher, spec: JobSpec
 ) -> tuple[str | None, dict[str, int] | None]:
+    """Stream the job from the upstream, retrying what may succeed on a second try.
+
+    Before the first token, retryable failures (connection errors, 429, 5xx) are retried with
+    exponential backoff and jitter, honouring ``Retry-After``, within ``upstream_retries`` and
+    ``upstream_retry_wait``. After it, a broken stream ends the job in ``error`` unless the job
+    asked for ``on_interrupt="continue"``: then the stream is reopened from the text so far.
+    """
+    settings = runtime.settings
     dialect = dialects.get(spec.dialect)
+    retry = Backoff(settings.upstream_retries, settings.upstream_retry_wait)
+    done = Continuation()
+    texts: list[str] = []
+    resumes = 0
 
     def before_read() -> None:
         publisher.flush()
         _check(active, publisher)
 
+    while True:
+        try:
+            return _stream_once(runtime, active, publisher, spec, dialect, done, texts, before_read)
+        except UpstreamError as exc:
+            _check(active, publisher)
+            if not exc.retryable:
+                raise
+            if not texts:
+                pause = retry.next_pause(exc.retry_after)
+                if pause is None:
+                    raise _exhausted(exc, retry) from None
+                log.info("job %s: upstream %s; retry in %.2f s", active.job_id, exc.code, pause)
+                _pause(pause, before_read)
+            elif spec.on_interrupt == "continue" and resumes < MAX_RESUMES:
+                resumes += 1
+                done = Continuation("".join(texts), len(texts))
+                runtime.redis.hincrby(runtime.keys.state(active.job_id), StateField.RESUMED, 1)
+                log.info("job %s: upstream broke after %d tokens; continuing", active.job_id,
+                         len(texts))  # fmt: skip
+            else:
+                raise
+
+
+def _stream_once(
+    runtime: Runtime,
+    active: ActiveJob,
+    publisher: JobPublisher,
+    spec: JobSpec,
+    dialect: dialects.Dialect,
+    done: Continuation,
+    texts: list[str],
+    before_read: Callable[[], None],
+) -> tuple[str | None, dict[str, int] | None]:
     before_read()
+    if done.tokens >= spec.max_tokens:
+        return "length", None
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
-    try:
-        stream = runtime.upstream.open(dialect, spec, Continuation(), before_read=before_read)
-    except UpstreamError:
-        _check(active, publisher)
-        raise
+    stream = runtime.upstream.open(dialect, spec, done, before_read=before_read)
     active.attach(stream)
     try:
         for delta in stream.deltas():
             if delta.text:
                 publisher.token(delta.text)
+                texts.append(delta.text)
             if delta.finish_reason:
                 finish_reason = delta.finish_reason
             if delta.usage:
                 usage = dict(delta.usage)
         _check(active, publisher)
-    except UpstreamError:
-        _check(active, publisher)
-        raise
     finally:
         active.attach(None)
         stream.close()
     return finish_reason, usage
+
+
+MAX_RESUMES: Final = 3
+
+
+class Backoff:
+    """Exponential backoff with full jitter, capped in attempts and in total wait."""
+
+    def __init__(self, retries: int, max_wait: float, base: float = 0.25, cap: float = 8.0) -> None:
+        self.retries, self.max_wait, self.base, self.cap = retries, max_wait, base, cap
+        self.attempts = 0
+        self.waited = 0.0
+
+    def next_pause(self, retry_after: float | None) -> float | None:
+        """Seconds to wait before the next try, or ``None`` when out of retries or time."""
+        if self.attempts >= self.retries:
+            return None
+        if retry_after is not None:
+            pause = max(0.0, retry_after)
+        else:
+            pause = random.uniform(0, min(self.cap, self.base * 2**self.attempts))
+        if self.waited + pause > self.max_wait:
+            return None
+        self.attempts += 1
+        self.waited += pause
+        return pause
+
+
+def _exhausted(exc: UpstreamError, retry: Backoff) -> UpstreamError:
+    if retry.attempts:
+        exc.message = f"{exc.message} (gave up after {retry.attempts} retries)"
+    return exc
+
+
+def _pause(seconds: float, before_read: Callable[[], None]) -> None:
+    """Sleep, still noticing a cancel or the deadline every 100 ms."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        time.sleep(min(left, 0.1))
+        before_read()

@@ -21,7 +21,7 @@ from typing import Final
 import redis
 
 from producer.connection import sync_redis
-from producer.protocol import Keys, decode_control
+from producer.protocol import TASK_NAME, Keys, decode_control
 from producer.settings import Settings
 from worker.publisher import Scripts
 from worker.upstream import UpstreamClient, UpstreamStream
@@ -29,6 +29,8 @@ from worker.upstream import UpstreamClient, UpstreamStream
 log = logging.getLogger("tokenrelay.worker")
 
 TICK: Final = 0.1
+REAP_EVERY: Final = 1.0  # seconds between looks for jobs whose worker died
+REAP_BATCH: Final = 1000
 
 
 @dataclass(eq=False)
@@ -96,6 +98,12 @@ class Runtime:
                 cls._instance_pid = os.getpid()
             return cls._instance
 
+    @classmethod
+    def current(cls) -> Runtime | None:
+        """This process's runtime if one was created."""
+        instance = cls._instance
+        return instance if instance is not None and cls._instance_pid == os.getpid() else None
+
     def new_owner(self) -> str:
         return f"{self.worker_id}:{uuid.uuid4().hex[:8]}"
 
@@ -141,20 +149,61 @@ class Runtime:
             job.interrupt("cancelled")
 
     def _keep(self) -> None:
-        """Enforce deadlines every tick; renew every lease a few times per lease period."""
+        """Enforce deadlines every tick; renew every lease a few times per lease period; look
+        for jobs whose worker died every ``REAP_EVERY`` seconds."""
         renew_every = max(self.settings.lease_seconds / 4, TICK)
-        next_renewal = time.monotonic()
+        next_renewal = next_reap = time.monotonic()
         while not self._stopping.wait(TICK):
             now = time.monotonic()
             for job in list(self.jobs.values()):
                 if now >= job.deadline:
                     job.interrupt("deadline")
-            if now >= next_renewal:
-                next_renewal = now + renew_every
-                try:
+            try:
+                if now >= next_renewal:
+                    next_renewal = now + renew_every
                     self._renew()
-                except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-                    log.warning("lease renewal failed (%s); will retry", type(exc).__name__)
+                if now >= next_reap:
+                    next_reap = now + REAP_EVERY
+                    self._reap()
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                log.warning("lease keeping failed (%s); will retry", type(exc).__name__)
+            except Exception:
+                log.exception("lease keeping failed; will retry")
+
+    def _reap(self) -> None:
+        """Re-enqueue running jobs whose lease lapsed (their worker died): a live worker takes
+        each over within a lease period, not after the broker's visibility timeout."""
+        ids = [
+            i.decode() if isinstance(i, bytes) else str(i)
+            for i in self.redis.zrange(self.keys.running, 0, REAP_BATCH - 1)
+        ]
+        ids = [job_id for job_id in ids if job_id not in self.jobs]
+        if not ids:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            self.scripts.takeover(
+                keys=[self.keys.state(job_id), self.keys.lease(job_id)], client=pipe
+            )
+        for job_id, verdict in zip(ids, pipe.execute(), strict=True):
+            verdict = verdict.decode() if isinstance(verdict, bytes) else str(verdict)
+            if verdict in ("gone", "finished"):
+                self.redis.zrem(self.keys.running, job_id)
+            elif verdict == "requeue":
+                log.warning("job %s: its worker stopped renewing the lease; re-enqueued", job_id)
+                self.requeue(job_id)
+
+    def requeue(self, job_id: str) -> None:
+        """Put a job back on the queue; its next claim starts a new attempt."""
+        from worker.app import app
+
+        app.send_task(TASK_NAME, kwargs={"job_id": job_id}, queue=self.keys.queue)
+
+    def hand_back_all(self) -> None:
+        """Shutdown grace is over: interrupt every running job so it is handed back."""
+        if self.jobs:
+            log.warning("shutdown grace over: handing back %d running jobs", len(self.jobs))
+        self.interrupt_all("shutdown")
 
     def _renew(self) -> None:
         jobs = list(self.jobs.values())

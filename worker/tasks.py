@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Any
+
+from celery.signals import worker_shutting_down
 
 from producer.protocol import TASK_NAME, ProtocolError, validate_job_id
 from worker.app import app
@@ -21,3 +24,17 @@ def stream(job_id: str, spec: Mapping[str, Any] | None = None) -> str:
         log.error("refused a job with an invalid id %r", str(job_id)[:80])
         return "invalid"
     return run_job(Runtime.get(), job_id, spec)
+
+
+@worker_shutting_down.connect  # type: ignore[untyped-decorator]
+def _hand_back_after_grace(**_: Any) -> None:
+    """On SIGTERM Celery stops taking jobs and waits for running ones; after the grace period
+    the streams still running are handed back to the queue instead of being cut off or lost."""
+    runtime = Runtime.current()
+    if runtime is None:
+        return
+    grace = runtime.settings.shutdown_grace
+    log.warning("shutting down: running streams get %.0f s to finish", grace)
+    timer = threading.Timer(grace, runtime.hand_back_all)
+    timer.daemon = True
+    timer.start()
