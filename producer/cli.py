@@ -154,8 +154,10 @@ def _print_events(job: Any, as_json: bool, timeout: float | None, out: TextIO) -
         return 0
     if not as_json:
         code = final.fields.get("code", str(final.type))
-        print(f"tokenrelay: job {job.id} {final.type}: [{code}] "
-              f"{final.fields.get('message', '')}", file=sys.stderr)  # fmt: skip
+        print(
+            f"tokenrelay: job {job.id} {final.type}: [{code}] {final.fields.get('message', '')}",
+            file=sys.stderr,
+        )
     return EXIT_FAILED
 
 

@@ -223,11 +223,18 @@ class Subscription:
         self.job_id = job_id
         self.sequencer = Sequencer(last=after)
         self._pubsub: redis.client.PubSub | None = None
+        self.reconnects = 0  # times the live connection was lost and the log filled the gap
 
     def open(self) -> None:
+        """Subscribe, and wait until Redis confirms it: only then is reading the log safe."""
         if self._pubsub is None:
-            self._pubsub = self._client.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            self._pubsub = self._client.redis.pubsub()  # type: ignore[no-untyped-call]
             self._pubsub.subscribe(self._client.keys.channel(self.job_id))
+            deadline = time.monotonic() + 5.0
+            while (left := deadline - time.monotonic()) > 0:
+                message = self._pubsub.get_message(timeout=left)
+                if message is not None and message["type"] == "subscribe":
+                    return
 
     def close(self) -> None:
         if self._pubsub is not None:
@@ -261,9 +268,15 @@ class Subscription:
             message = self._pubsub.get_message(timeout=wait)
         except (redis.ConnectionError, redis.TimeoutError):
             # Resubscribe and let the log fill whatever was missed meanwhile.
+            self.reconnects += 1
             self.close()
             time.sleep(0.05)
             self.open()
+            message = None
+        if message is not None and message["type"] != "message":
+            if message["type"] == "subscribe":
+                # redis-py reconnected and subscribed again: the log holds what was missed.
+                self.reconnects += 1
             message = None
         event = decode_live(message["data"]) if message else None
         if event is None:

@@ -135,16 +135,24 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> RedisServer:
         args = [
             redis_binary(),
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.directory),
-            "--save", "",
-            "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "always",
-            "--daemonize", "no",
-            "--logfile", "",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "always",
+            "--daemonize",
+            "no",
+            "--logfile",
+            "",
             *self.extra,
-        ]  # fmt: skip
+        ]
         self.process = Process(args, log_path=self.directory / "redis.log")
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         try:
@@ -202,8 +210,16 @@ def mock_upstream(
 ) -> tuple[Process, str]:
     """Start ``tokenrelay mock-upstream``; return the process and its base URL once it answers."""
     port = port or free_port()
-    args = [sys.executable, "-m", "producer.cli", "mock-upstream", "--port", str(port),
-            "--delay-ms", str(delay_ms)]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "producer.cli",
+        "mock-upstream",
+        "--port",
+        str(port),
+        "--delay-ms",
+        str(delay_ms),
+    ]
     env = {"MOCK_UPSTREAM_API_KEY": api_key} if api_key else {}
     process = Process(args, env=env, log_path=log_path)
     url = f"http://127.0.0.1:{port}"
@@ -213,9 +229,22 @@ def mock_upstream(
 
 def worker_args(concurrency: int = 50, pool: str = "gevent", name: str | None = None) -> list[str]:
     """The Celery command line of one tokenrelay worker."""
-    args = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-P", pool,
-            "-c", str(concurrency), "--loglevel", "INFO", "--without-gossip",
-            "--without-mingle"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker",
+        "worker",
+        "-P",
+        pool,
+        "-c",
+        str(concurrency),
+        "--loglevel",
+        "INFO",
+        "--without-gossip",
+        "--without-mingle",
+    ]
     if name:
         args += ["-n", name]
     return args

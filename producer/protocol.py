@@ -201,6 +201,7 @@ class Event:
 
 
 _RESERVED: Final = frozenset({"v", "job", "seq", "type"})
+_TYPE_NAMES: Final = frozenset(t.value for t in EventType)
 # Fields each type must carry, with their JSON types.
 _REQUIRED: Final[Mapping[EventType, Mapping[str, type | tuple[type, ...]]]] = {
     EventType.START: {"attempt": int},
@@ -216,9 +217,23 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+def _utf8(text: str) -> bytes:
+    # A lone surrogate (an upstream that escapes JSON may split one emoji into two tokens) has
+    # no UTF-8 form. It can only occur inside a JSON string, where backslashreplace writes its
+    # JSON escape (backslash, "u", four hex digits), which decodes to the same text again.
+    return text.encode("utf-8", "backslashreplace")
+
+
+def _shown(value: object) -> str:
+    """A received value for an error message: short, and never a deep structure's repr."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return repr(value)[:80]
+    return type(value).__name__
+
+
 def encode(event: Event) -> bytes:
     """Encode an event as compact UTF-8 JSON."""
-    return _dumps(event.as_dict()).encode()
+    return _utf8(_dumps(event.as_dict()))
 
 
 def encode_token(job_id: str, seq: int, text: str) -> bytes:
@@ -226,9 +241,9 @@ def encode_token(job_id: str, seq: int, text: str) -> bytes:
 
     Safe to build by hand: a validated job id needs no JSON escaping.
     """
-    return (
+    return _utf8(
         f'{{"v":{VERSION},"job":"{job_id}","seq":{seq},"type":"token","text":{_dumps(text)}}}'
-    ).encode()
+    )
 
 
 def make_event(job_id: str, seq: int, type_: EventType, **fields: Any) -> Event:
@@ -242,10 +257,12 @@ def decode(data: bytes | str) -> Event:
         obj = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"event is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("event is not valid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise ProtocolError("event must be a JSON object")
     if obj.get("v") != VERSION:
-        raise ProtocolError(f"v: unsupported protocol version {obj.get('v')!r}")
+        raise ProtocolError(f"v: unsupported protocol version {_shown(obj.get('v'))}")
     job = obj.get("job")
     try:
         validate_job_id(job)
@@ -254,10 +271,10 @@ def decode(data: bytes | str) -> Event:
     seq = obj.get("seq")
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
         raise ProtocolError("seq: must be a non-negative integer")
-    try:
-        type_ = EventType(str(obj.get("type")))
-    except ValueError:
-        raise ProtocolError(f"type: unknown event type {obj.get('type')!r}") from None
+    type_name = obj.get("type")
+    if not isinstance(type_name, str) or type_name not in _TYPE_NAMES:
+        raise ProtocolError(f"type: unknown event type {_shown(type_name)}")
+    type_ = EventType(type_name)
     for name, kind in _REQUIRED[type_].items():
         value = obj.get(name)
         if not isinstance(value, kind) or isinstance(value, bool):
@@ -278,5 +295,5 @@ def decode_control(data: bytes | str) -> str | None:
         obj = json.loads(data)
         job = obj["cancel"] if isinstance(obj, dict) and obj.get("v") == VERSION else None
         return validate_job_id(job) if job is not None else None
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None

@@ -175,7 +175,7 @@ def _messages(value: object) -> tuple[Message, ...]:
         if not isinstance(item, Mapping):
             raise InvalidJob(where, "must be an object with role and content")
         role, content = item.get("role"), item.get("content")
-        if role not in CHAT_ROLES:
+        if not isinstance(role, str) or role not in CHAT_ROLES:
             raise InvalidJob(f"{where}.role", f"must be one of {', '.join(sorted(CHAT_ROLES))}")
         if not isinstance(content, str):
             raise InvalidJob(f"{where}.content", "must be a string")
@@ -183,6 +183,14 @@ def _messages(value: object) -> tuple[Message, ...]:
     if not any(m.content.strip() for m in parsed):
         raise InvalidJob("messages", "every message is empty")
     return tuple(parsed)
+
+
+def _shown(value: object) -> str:
+    """A caller's value for a message: short, and safe for any value (a 5000-digit int or a
+    list nested 5000 deep has no printable ``repr``)."""
+    if isinstance(value, str | float) or (isinstance(value, int) and abs(value) < 10**20):
+        return repr(value)[:80]
+    return _kind(value)
 
 
 def _kind(value: object) -> str:
@@ -208,8 +216,9 @@ def _choice(data: Mapping[str, Any], field: str, allowed: tuple[str, ...], defau
     if value is None:
         return default
     if value not in allowed:
-        shown = repr(value)[:80]
-        raise InvalidJob(field, f"unknown value {shown}; expected one of {', '.join(allowed)}")
+        raise InvalidJob(
+            field, f"unknown value {_shown(value)}; expected one of {', '.join(allowed)}"
+        )
     return str(value)
 
 
@@ -224,7 +233,7 @@ def _integer(
     if not isinstance(value, int) or isinstance(value, bool):
         raise InvalidJob(field, f"must be an integer, not {_kind(value)}")
     if not low <= value <= high:
-        raise InvalidJob(field, f"must be between {low} and {high}, got {value}")
+        raise InvalidJob(field, f"must be between {low} and {high}, got {_shown(value)}")
     return value
 
 
@@ -234,8 +243,9 @@ def _number(data: Mapping[str, Any], field: str, low: float, high: float) -> flo
         return None
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise InvalidJob(field, f"must be a number, not {_kind(value)}")
-    if not math.isfinite(value) or not low <= value <= high:
-        raise InvalidJob(field, f"must be between {low:g} and {high:g}, got {value!r}"[:120])
+    # Compared before any float conversion, which overflows for a huge int.
+    if not low <= value <= high or not math.isfinite(value):
+        raise InvalidJob(field, f"must be between {low:g} and {high:g}, got {_shown(value)}")
     return float(value)
 
 

@@ -119,8 +119,9 @@ def test_errors_and_cancel_raise_job_failed(fleet: Fleet) -> None:
             assert len(exc.partial_text) > 0
         else:
             raise AssertionError("no JobFailedError")
-        job = await client.submit(marker("acancel"), model="mock?delay_ms=50", max_tokens=200,
-                                  follow=True)  # fmt: skip
+        job = await client.submit(
+            marker("acancel"), model="mock?delay_ms=50", max_tokens=200, follow=True
+        )
         async for event in job.events(timeout=30):
             if event.type is EventType.TOKEN:
                 await job.cancel()

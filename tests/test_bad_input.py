@@ -74,8 +74,12 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "producer.cli", *args],
-        env=env, capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 @pytest.mark.parametrize(
@@ -132,8 +136,7 @@ def test_the_task_refuses_a_bad_job_sent_by_any_celery_client(
     app = Celery("someone-else", broker=fleet.settings.redis_url, set_as_current=False)
     job_id = marker("raw")[1:-1]
     try:
-        app.send_task(TASK_NAME, kwargs={"job_id": job_id, "spec": spec},
-                      queue=client.keys.queue)  # fmt: skip
+        app.send_task(TASK_NAME, kwargs={"job_id": job_id, "spec": spec}, queue=client.keys.queue)
     finally:
         app.close()
     events = list(client.subscribe(job_id, wait=30).events(timeout=30))
@@ -148,8 +151,7 @@ def test_a_plain_celery_client_can_enqueue_a_good_job(client: Client, fleet: Fle
     job_id = marker("plain")[1:-1]
     try:
         spec = {"prompt": "Hello", "max_tokens": 6}
-        app.send_task(TASK_NAME, kwargs={"job_id": job_id, "spec": spec},
-                      queue=client.keys.queue)  # fmt: skip
+        app.send_task(TASK_NAME, kwargs={"job_id": job_id, "spec": spec}, queue=client.keys.queue)
     finally:
         app.close()
     job = client.subscribe(job_id, wait=30)

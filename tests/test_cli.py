@@ -14,13 +14,17 @@ from producer.mock_upstream import generate
 from tests.conftest import Fleet, marker
 
 
-def cli(fleet: Fleet, *args: str, extra_env: dict[str, str] | None = None,
-        timeout: float = 60) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def cli(
+    fleet: Fleet, *args: str, extra_env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "producer.cli", *args],
         env={**fleet.env, **(extra_env or {})},
-        capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def test_submit_follow_prints_the_text(fleet: Fleet) -> None:
@@ -32,8 +36,20 @@ def test_submit_follow_prints_the_text(fleet: Fleet) -> None:
 
 def test_submit_follow_prints_each_token_as_it_arrives(fleet: Fleet, client: Client) -> None:
     job_id = marker("live")[1:-1]
-    args = [sys.executable, "-m", "producer.cli", "submit", "live prompt", "--job-id", job_id,
-            "--model", "mock?delay_ms=150", "--max-tokens", "20", "--follow"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "producer.cli",
+        "submit",
+        "live prompt",
+        "--job-id",
+        job_id,
+        "--model",
+        "mock?delay_ms=150",
+        "--max-tokens",
+        "20",
+        "--follow",
+    ]
     with subprocess.Popen(args, env=fleet.env, stdout=subprocess.PIPE, text=True) as process:
         assert process.stdout is not None
         first = process.stdout.read(1)  # blocks until the first token is flushed

@@ -38,10 +38,12 @@ def test_together_stream_with_finish_chunk_and_usage() -> None:
     body = sse(
         together_chunk(" Alan"),
         together_chunk(" Turing"),
-        {"choices": [{"text": "", "finish_reason": "length"}], "usage": {"prompt_tokens": 3,
-         "completion_tokens": 2, "total_tokens": 5}},
+        {
+            "choices": [{"text": "", "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+        },
         "[DONE]",
-    )  # fmt: skip
+    )
     deltas = run("together", [body])
     assert text(deltas) == " Alan Turing"
     assert deltas[-1].finish_reason == "length"
@@ -77,10 +79,12 @@ def test_zero_filled_usage_on_every_chunk_keeps_the_final_one() -> None:
     body = sse(
         {"choices": [{"index": 0, "text": "a"}], "usage": zero},
         {"choices": [{"index": 0, "text": "b"}], "usage": zero},
-        {"choices": [{"index": 0}], "usage": {"prompt_tokens": 1, "completion_tokens": 2,
-         "total_tokens": 3}},
+        {
+            "choices": [{"index": 0}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+        },
         "[DONE]",
-    )  # fmt: skip
+    )
     usages = [d.usage for d in run("openai-completions", [body]) if d.usage]
     assert usages == [{"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}]
 
@@ -152,14 +156,21 @@ def spec(**extra: object) -> JobSpec:
 
 
 def test_together_request_is_the_seed_payload() -> None:
-    body = dialects.get("together").build(spec(temperature=0.7, top_p=0.7, top_k=50,
-                                               repetition_penalty=1.0, stop=["</s>"]),
-                                          Continuation())  # fmt: skip
+    body = dialects.get("together").build(
+        spec(temperature=0.7, top_p=0.7, top_k=50, repetition_penalty=1.0, stop=["</s>"]),
+        Continuation(),
+    )
     assert body == {
-        "model": "m", "prompt": "Alan Turing was", "max_tokens": 10, "stop": ["</s>"],
-        "temperature": 0.7, "top_p": 0.7, "top_k": 50, "repetition_penalty": 1.0,
+        "model": "m",
+        "prompt": "Alan Turing was",
+        "max_tokens": 10,
+        "stop": ["</s>"],
+        "temperature": 0.7,
+        "top_p": 0.7,
+        "top_k": 50,
+        "repetition_penalty": 1.0,
         "stream_tokens": True,
-    }  # fmt: skip
+    }
 
 
 def test_continuation_requests() -> None:

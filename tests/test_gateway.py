@@ -62,8 +62,12 @@ def test_the_together_sample_client_works_unchanged(
 
 def test_each_event_is_its_own_chunk_with_no_event_lines(gateway: Gateway) -> None:
     """A token is readable the moment it is sent, not one event late."""
-    body = {"model": "mock?delay_ms=300", "prompt": marker("chunk"), "max_tokens": 3,
-            "stream_tokens": True}  # fmt: skip
+    body = {
+        "model": "mock?delay_ms=300",
+        "prompt": marker("chunk"),
+        "max_tokens": 3,
+        "stream_tokens": True,
+    }
     with requests.post(gateway.url + "/inference", json=body, stream=True, timeout=30) as response:
         raw = response.raw
         first = raw.read1(65536) if hasattr(raw, "read1") else raw.read(1)
@@ -110,8 +114,9 @@ def test_sdk_completions_streaming_and_not(gateway: Gateway, sdk: str) -> None:
     assert whole.usage.completion_tokens == 20
 
     options = {"stream_options": {"include_usage": True}} if sdk == "openai" else {}
-    chunks = list(api.completions.create(model="mock", prompt=prompt, max_tokens=20,
-                                         stream=True, **options))  # fmt: skip
+    chunks = list(
+        api.completions.create(model="mock", prompt=prompt, max_tokens=20, stream=True, **options)
+    )
     text = "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].text)
     assert text == expected(prompt, 20)
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
@@ -129,8 +134,9 @@ def test_sdk_chat_streaming_and_not(gateway: Gateway, sdk: str) -> None:
     assert whole.choices[0].message.content == expected(content, 15)
     assert whole.choices[0].message.role == "assistant"
 
-    stream = api.chat.completions.create(model="mock", messages=messages, max_tokens=15,
-                                         stream=True)  # fmt: skip
+    stream = api.chat.completions.create(
+        model="mock", messages=messages, max_tokens=15, stream=True
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == expected(content, 15)
@@ -142,8 +148,9 @@ def test_openai_sdk_sees_an_upstream_error_mid_stream(gateway: Gateway) -> None:
     import openai
 
     api = openai_client(gateway)
-    stream = api.completions.create(model="mock?error_after=3", prompt=marker("e"),
-                                    max_tokens=10, stream=True)  # fmt: skip
+    stream = api.completions.create(
+        model="mock?error_after=3", prompt=marker("e"), max_tokens=10, stream=True
+    )
     received = []
     with pytest.raises(openai.APIError, match="mock upstream error after 3 tokens"):
         for chunk in stream:
@@ -156,8 +163,9 @@ def test_an_upstream_refusal_before_the_first_token_is_an_http_error(gateway: Ga
 
     api = openai_client(gateway)
     with pytest.raises(openai.RateLimitError):
-        api.completions.create(model="mock?status=429&retry_after=0", prompt=marker("rl"),
-                               max_tokens=5, stream=True)  # fmt: skip
+        api.completions.create(
+            model="mock?status=429&retry_after=0", prompt=marker("rl"), max_tokens=5, stream=True
+        )
     with pytest.raises(openai.InternalServerError):
         api.completions.create(model="mock?status=500", prompt=marker("500"), max_tokens=5)
 
@@ -213,8 +221,9 @@ def test_jobs_api_events_and_resume_with_last_event_id(gateway: Gateway) -> None
             first.append((int(event.id), json.loads(event.data)))
             if int(event.id) == 9:
                 break
-    with requests.get(events_url, headers={"Last-Event-ID": "9"}, stream=True,
-                      timeout=30) as response:  # fmt: skip
+    with requests.get(
+        events_url, headers={"Last-Event-ID": "9"}, stream=True, timeout=30
+    ) as response:
         resumed = read_sse(response)
     whole = first + resumed
     assert [seq for seq, _ in whole] == list(range(32))
@@ -223,11 +232,13 @@ def test_jobs_api_events_and_resume_with_last_event_id(gateway: Gateway) -> None
     assert whole[-1][1]["type"] == "done"
 
     # After the end: from the middle, from the last event (nothing), and a second full reader.
-    with requests.get(events_url, headers={"Last-Event-ID": "29"}, stream=True,
-                      timeout=10) as response:  # fmt: skip
+    with requests.get(
+        events_url, headers={"Last-Event-ID": "29"}, stream=True, timeout=10
+    ) as response:
         assert [seq for seq, _ in read_sse(response)] == [30, 31]
-    with requests.get(events_url, headers={"Last-Event-ID": "31"}, stream=True,
-                      timeout=10) as response:  # fmt: skip
+    with requests.get(
+        events_url, headers={"Last-Event-ID": "31"}, stream=True, timeout=10
+    ) as response:
         assert read_sse(response) == []
     with requests.get(events_url, stream=True, timeout=10) as response:
         assert read_sse(response) == whole
@@ -326,10 +337,15 @@ def test_many_concurrent_sse_clients_on_few_redis_connections(
     peak = [0]
 
     def stream(i: int) -> None:
-        body = {"model": "mock?delay_ms=30", "prompt": prompts[i], "max_tokens": 30,
-                "stream_tokens": True}  # fmt: skip
-        with requests.post(gateway.url + "/inference", json=body, stream=True,
-                           timeout=60) as response:  # fmt: skip
+        body = {
+            "model": "mock?delay_ms=30",
+            "prompt": prompts[i],
+            "max_tokens": 30,
+            "stream_tokens": True,
+        }
+        with requests.post(
+            gateway.url + "/inference", json=body, stream=True, timeout=60
+        ) as response:
             parts = []
             for event in sseclient.SSEClient(response).events():  # type: ignore[arg-type]
                 if event.data == "[DONE]":
@@ -366,8 +382,12 @@ def test_keys_are_required_and_jobs_are_private_to_their_key(keyed_gateway: Gate
     missing = requests.post(url + "/v1/jobs", json=body, timeout=10)
     assert missing.status_code == 401
     assert missing.json()["error"]["type"] == "authentication_error"
-    wrong = requests.post(url + "/v1/jobs", json=body, timeout=10,
-                          headers={"Authorization": "Bearer not-a-key-at-all"})  # fmt: skip
+    wrong = requests.post(
+        url + "/v1/jobs",
+        json=body,
+        timeout=10,
+        headers={"Authorization": "Bearer not-a-key-at-all"},
+    )
     assert wrong.status_code == 401 and "not-a-key" not in wrong.text
     assert requests.post(url + "/inference", json=body, timeout=10).status_code == 401
 
@@ -380,31 +400,34 @@ def test_keys_are_required_and_jobs_are_private_to_their_key(keyed_gateway: Gate
         assert requests.post(job_url + "/cancel", headers=other, timeout=10).status_code == 404
     # A browser's EventSource sends the key in the query string.
     token = keyed_gateway.keys[0]
-    with requests.get(job_url + "/events", params={"access_token": token}, stream=True,
-                      timeout=30) as response:  # fmt: skip
+    with requests.get(
+        job_url + "/events", params={"access_token": token}, stream=True, timeout=30
+    ) as response:
         assert response.status_code == 200
         assert read_sse(response)[-1][1]["type"] == "done"
     # The other tenant cannot take the id either.
-    taken = requests.post(url + "/v1/jobs", json={**body, "job_id": created["id"]},
-                          headers=two, timeout=10)  # fmt: skip
+    taken = requests.post(
+        url + "/v1/jobs", json={**body, "job_id": created["id"]}, headers=two, timeout=10
+    )
     assert taken.status_code == 409
 
 
 def test_oversized_and_malformed_bodies(keyed_gateway: Gateway) -> None:
     headers = {"Authorization": f"Bearer {keyed_gateway.keys[0]}"}
     big = {"prompt": "x" * 70_000}
-    response = requests.post(keyed_gateway.url + "/v1/jobs", json=big, headers=headers,
-                             timeout=10)  # fmt: skip
+    response = requests.post(keyed_gateway.url + "/v1/jobs", json=big, headers=headers, timeout=10)
     assert response.status_code == 413
     assert "larger than the limit of 65536 bytes" in response.json()["error"]["message"]
-    response = requests.post(keyed_gateway.url + "/v1/jobs", data=b"[1, 2", headers=headers,
-                             timeout=10)  # fmt: skip
+    response = requests.post(
+        keyed_gateway.url + "/v1/jobs", data=b"[1, 2", headers=headers, timeout=10
+    )
     assert response.status_code == 400
-    response = requests.post(keyed_gateway.url + "/v1/jobs", json=[1], headers=headers,
-                             timeout=10)  # fmt: skip
+    response = requests.post(keyed_gateway.url + "/v1/jobs", json=[1], headers=headers, timeout=10)
     assert response.status_code == 400 and "JSON object" in response.text
-    assert requests.get(keyed_gateway.url + "/v1/jobs/nope", headers=headers,
-                        timeout=10).status_code == 404  # fmt: skip
+    assert (
+        requests.get(keyed_gateway.url + "/v1/jobs/nope", headers=headers, timeout=10).status_code
+        == 404
+    )
 
 
 def test_health_and_openapi(gateway: Gateway) -> None:
@@ -412,8 +435,12 @@ def test_health_and_openapi(gateway: Gateway) -> None:
     assert health.status_code == 200 and health.json()["redis"] == "ok"
     spec = requests.get(gateway.url + "/openapi.json", timeout=10).json()
     assert spec["openapi"].startswith("3.")
-    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events",
-            "/v1/jobs/{job_id}/cancel"} <= set(spec["paths"])  # fmt: skip
+    assert {
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id}/events",
+        "/v1/jobs/{job_id}/cancel",
+    } <= set(spec["paths"])
     assert "open to anyone" in gateway.log()
 
 

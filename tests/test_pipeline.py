@@ -24,8 +24,14 @@ DIALECT_ROUTES = {
 }
 
 
-def non_streamed_text(mock: Mock, api_key: str, dialect: str, prompt: str, max_tokens: int,
-                      stop: list[str] | None = None) -> str:  # fmt: skip
+def non_streamed_text(
+    mock: Mock,
+    api_key: str,
+    dialect: str,
+    prompt: str,
+    max_tokens: int,
+    stop: list[str] | None = None,
+) -> str:
     """What the mock upstream answers for the same request without streaming."""
     body: dict[str, Any] = {"model": "mock", "max_tokens": max_tokens}
     if dialect == "openai-chat":
@@ -37,8 +43,12 @@ def non_streamed_text(mock: Mock, api_key: str, dialect: str, prompt: str, max_t
     if dialect == "tgi":
         body = {"inputs": prompt, "parameters": {"max_new_tokens": max_tokens, "stop": stop or []}}
     if dialect == "ollama":
-        body = {"model": "mock", "prompt": prompt, "stream": False,
-                "options": {"num_predict": max_tokens, "stop": stop or []}}  # fmt: skip
+        body = {
+            "model": "mock",
+            "prompt": prompt,
+            "stream": False,
+            "options": {"num_predict": max_tokens, "stop": stop or []},
+        }
     response = requests.post(
         mock.url + DIALECT_ROUTES[dialect],
         json=body,
@@ -102,17 +112,21 @@ def test_stop_sequence_ends_the_job_with_finish_reason_stop(client: Client) -> N
 
 
 def test_readers_that_join_early_midway_and_late_get_identical_events(client: Client) -> None:
-    early = client.submit(prompt=marker("early"), model="mock?delay_ms=25", max_tokens=40,
-                          follow=True)  # fmt: skip
-    other = client.submit(prompt=marker("other"), model="mock?delay_ms=20", max_tokens=40,
-                          follow=True)  # fmt: skip
+    early = client.submit(
+        prompt=marker("early"), model="mock?delay_ms=25", max_tokens=40, follow=True
+    )
+    other = client.submit(
+        prompt=marker("other"), model="mock?delay_ms=20", max_tokens=40, follow=True
+    )
     seen: dict[str, list[Event]] = {}
 
     def read(name: str, job: Any) -> None:
         seen[name] = list(job.events(timeout=30))
 
-    threads = [threading.Thread(target=read, args=("early", early)),
-               threading.Thread(target=read, args=("other", other))]  # fmt: skip
+    threads = [
+        threading.Thread(target=read, args=("early", early)),
+        threading.Thread(target=read, args=("other", other)),
+    ]
     for thread in threads:
         thread.start()
     log_key = client.keys.log(early.id)

@@ -41,18 +41,24 @@ def every_redis_byte(server: RedisServer) -> bytes:
 
 
 def test_the_api_key_never_leaves_the_worker_except_to_the_upstream(
-    client: Client, fleet: Fleet, mock: Mock, api_key: str, redis_server: RedisServer,
+    client: Client,
+    fleet: Fleet,
+    mock: Mock,
+    api_key: str,
+    redis_server: RedisServer,
     run_dir: Path,
-) -> None:  # fmt: skip
+) -> None:
     events = []
     # Jobs that pass through every path that writes: each dialect, an upstream refusal that
     # echoes request details, a cancel; one is still queued (its message is in the broker).
     for dialect in ("together", "openai-completions", "openai-chat", "tgi", "ollama"):
-        events += client.submit(prompt=marker("key"), dialect=dialect, max_tokens=4,
-                                follow=True).events(timeout=30)  # fmt: skip
+        events += client.submit(
+            prompt=marker("key"), dialect=dialect, max_tokens=4, follow=True
+        ).events(timeout=30)
     events += client.submit(prompt=marker("key"), model="mock?status=401", follow=True).events(30)
-    cancelled = client.submit(prompt=marker("key"), model="mock?delay_ms=50", max_tokens=100,
-                              follow=True)  # fmt: skip
+    cancelled = client.submit(
+        prompt=marker("key"), model="mock?delay_ms=50", max_tokens=100, follow=True
+    )
     for event in cancelled.events(timeout=30):
         events.append(event)
         if event.type is EventType.TOKEN:

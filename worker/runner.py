@@ -228,8 +228,9 @@ def _stream(
                 resumes += 1
                 done = Continuation("".join(texts), len(texts))
                 runtime.redis.hincrby(runtime.keys.state(active.job_id), StateField.RESUMED, 1)
-                log.info("job %s: upstream broke after %d tokens; continuing", active.job_id,
-                         len(texts))  # fmt: skip
+                log.info(
+                    "job %s: upstream broke after %d tokens; continuing", active.job_id, len(texts)
+                )
             else:
                 raise
 

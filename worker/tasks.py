@@ -6,7 +6,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from celery.signals import worker_shutting_down
+from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 
 from producer.protocol import TASK_NAME, ProtocolError, validate_job_id
 from worker.app import app
@@ -38,3 +38,18 @@ def _hand_back_after_grace(**_: Any) -> None:
     timer = threading.Timer(grace, runtime.hand_back_all)
     timer.daemon = True
     timer.start()
+
+
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def _start_runtime(sender: Any = None, **_: Any) -> None:
+    """Start the runtime (control listener, lease keeper, reaper) before the first job, so an
+    idle worker takes over the jobs of dead ones too. Prefork children start their own."""
+    pool = getattr(sender, "pool", None)
+    if pool is not None and "prefork" in type(pool).__module__:
+        return
+    Runtime.get()
+
+
+@worker_process_init.connect  # type: ignore[untyped-decorator]
+def _start_child_runtime(**_: Any) -> None:
+    Runtime.get()

@@ -1,6 +1,6 @@
 """The HTTP gateway: Together- and OpenAI-compatible routes and the jobs API, on Starlette.
 
-    tokenrelay gateway --host 0.0.0.0 --port 8000
+tokenrelay gateway --host 0.0.0.0 --port 8000
 """
 
 from __future__ import annotations

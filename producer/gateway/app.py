@@ -49,8 +49,13 @@ T = TypeVar("T")
 class HTTPError(Exception):
     """Answered as ``{"error": {...}}`` with ``status``."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 param: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.kind, self.param = status, message, kind, param
 
@@ -164,11 +169,12 @@ class Gateway:
         return EventStream(frames, on_disconnect=leave if cancel_on_leave else None)
 
     def answer(self, form: compat.Format, events: list[Event]) -> Response:
-        text, tokens, restarts = _reassemble(events)
+        text, tokens, _ = _reassemble(events)
         end = events[-1]
         if end.type is not EventType.DONE:
-            return Response(compat.error_payload(end), compat.http_status_of(end),
-                            media_type="application/json")  # fmt: skip
+            return Response(
+                compat.error_payload(end), compat.http_status_of(end), media_type="application/json"
+            )
         return JSONResponse(form.answer(compat.Outcome.of(text, end, tokens)))
 
     async def until_disconnect(self, request: Request, work: Awaitable[T]) -> T | None:
@@ -354,10 +360,15 @@ async def _compat_frames(
             elif event.type is EventType.RESTART and tokens:
                 # Tokens already sent cannot be taken back from this client: end its request.
                 await gateway.cancel_quietly(job.id)
-                restarted = Event(job.id, event.seq, EventType.ERROR, {
-                    "code": "restarted",
-                    "message": "the job's worker was lost mid-stream; retry the request",
-                })  # fmt: skip
+                restarted = Event(
+                    job.id,
+                    event.seq,
+                    EventType.ERROR,
+                    {
+                        "code": "restarted",
+                        "message": "the job's worker was lost mid-stream; retry the request",
+                    },
+                )
                 yield frame(compat.error_payload(restarted))
                 break
             elif event.type is EventType.DONE:

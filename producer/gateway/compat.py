@@ -239,8 +239,12 @@ class ChatFormat(CompletionsFormat):
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
     def first(self) -> list[bytes]:
-        role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                "finish_reason": None}  # fmt: skip
+        role = {
+            "index": 0,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
         return [self.chunk([role])]
 
     def answer(self, outcome: Outcome) -> dict[str, Any]:
@@ -251,15 +255,25 @@ class ChatFormat(CompletionsFormat):
             "created": self.created,
             "model": self.model,
             "choices": [
-                {"index": 0, "message": message, "logprobs": None,
-                 "finish_reason": outcome.finish_reason}  # fmt: skip
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": outcome.finish_reason,
+                }
             ],
             "usage": outcome.usage_or_count(),
         }
 
 
-def error_body(message: str, kind: str, *, param: str | None = None,
-               code: str | None = None, request_id: str | None = None) -> dict[str, Any]:  # fmt: skip
+def error_body(
+    message: str,
+    kind: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    request_id: str | None = None,
+) -> dict[str, Any]:
     """The error object both APIs use: ``{"error": {"message", "type", "param", "code"}}``."""
     error: dict[str, Any] = {"message": message, "type": kind, "param": param, "code": code}
     if request_id is not None:

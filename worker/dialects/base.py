@@ -7,6 +7,7 @@ Dialects are pure: no Redis, no sockets; the HTTP call lives in ``worker.upstrea
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -57,7 +58,7 @@ def load_object(data: str) -> dict[str, Any]:
     """Parse one event's JSON object; a malformed one is an ``upstream_protocol`` failure."""
     try:
         obj = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise UpstreamProtocolError(
             f"upstream sent an event that is not JSON: {data[:80]!r}"
         ) from None
@@ -73,9 +74,11 @@ def raise_error_object(obj: Mapping[str, Any]) -> None:
     if error is None:
         return
     if isinstance(error, Mapping):
-        message = str(error.get("message") or error.get("type") or "upstream error")
-    else:
+        error = error.get("message") or error.get("type") or "upstream error"
+    try:
         message = str(error)
+    except RecursionError:  # a structure nested about as deep as the JSON parser allows
+        message = "upstream error"
     raise UpstreamStreamError(f"upstream error: {message[:500]}")
 
 
@@ -83,13 +86,20 @@ def usage_of(value: object) -> dict[str, int] | None:
     """Normalise a usage object to OpenAI's three counts; ``None`` if absent or all zero."""
     if not isinstance(value, Mapping):
         return None
-    usage = {
-        key: int(value[key])
-        for key in ("prompt_tokens", "completion_tokens", "total_tokens")
-        if isinstance(value.get(key), int | float) and not isinstance(value.get(key), bool)
-    }
+    keys = ("prompt_tokens", "completion_tokens", "total_tokens")
+    counts = {key: count(value.get(key)) for key in keys}
+    usage = {key: n for key, n in counts.items() if n is not None}
     # Some servers send a zero-filled usage on every chunk; only the final one counts.
     return usage if any(usage.values()) else None
+
+
+def count(value: object) -> int | None:
+    """A token count: a JSON number that is finite (``1e999`` parses as infinity), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return int(value)
 
 
 def first_choice(obj: Mapping[str, Any]) -> Mapping[str, Any]:

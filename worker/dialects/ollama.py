@@ -6,7 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 from producer.spec import JobSpec
-from worker.dialects.base import Continuation, Delta, Dialect, load_object, text_field
+from worker.dialects.base import (
+    Continuation,
+    Delta,
+    Dialect,
+    count,
+    finish_field,
+    load_object,
+    text_field,
+)
 
 
 def build(spec: JobSpec, done: Continuation) -> dict[str, Any]:
@@ -35,15 +43,16 @@ def parse(data: str) -> Delta:
     text = text_field(obj.get("response"), "response")
     if not obj.get("done"):
         return Delta(text=text)
-    prompt, completion = obj.get("prompt_eval_count"), obj.get("eval_count")
+    prompt, completion = count(obj.get("prompt_eval_count")), count(obj.get("eval_count"))
     usage = None
-    if isinstance(prompt, int) and isinstance(completion, int):
+    if prompt is not None and completion is not None:
         usage = {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
         }
-    return Delta(text=text, finish_reason=str(obj.get("done_reason") or "stop"), usage=usage)
+    finish = finish_field(obj.get("done_reason")) or "stop"
+    return Delta(text=text, finish_reason=finish, usage=usage)
 
 
 DIALECT = Dialect("ollama", "/api/generate", build, parse, framing="ndjson", needs_done=False)

@@ -10,7 +10,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from producer.spec import JobSpec
-from worker.dialects.base import Continuation, Delta, Dialect, load_object, text_field
+from worker.dialects.base import (
+    Continuation,
+    Delta,
+    Dialect,
+    count,
+    finish_field,
+    load_object,
+    text_field,
+)
 
 _FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
 
@@ -35,9 +43,9 @@ def parse(data: str) -> Delta:
     details = obj.get("details")
     if not isinstance(details, Mapping):
         return Delta(text=text)
-    finish = str(details.get("finish_reason") or "stop")
-    generated = details.get("generated_tokens")
-    usage = {"completion_tokens": generated} if isinstance(generated, int) else None
+    finish = finish_field(details.get("finish_reason")) or "stop"
+    generated = count(details.get("generated_tokens"))
+    usage = {"completion_tokens": generated} if generated is not None else None
     return Delta(text=text, finish_reason=_FINISH.get(finish, finish), usage=usage)
 
 
