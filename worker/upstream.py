@@ -25,6 +25,7 @@ from producer.spec import JobSpec
 from worker.dialects import DONE, Continuation, Delta, Dialect
 from worker.errors import (
     UpstreamDisconnected,
+    UpstreamError,
     UpstreamHTTPError,
     UpstreamProtocolError,
     UpstreamTimeout,
@@ -94,7 +95,7 @@ class UpstreamClient:
             ) from None
         if response.status_code >= 400:
             raise _http_error(response, self._api_key)
-        return UpstreamStream(response, dialect, before_read, timeout[1])
+        return UpstreamStream(response, dialect, before_read, timeout[1], self._api_key)
 
     def close(self) -> None:
         self.session.close()
@@ -109,7 +110,9 @@ class UpstreamStream:
         dialect: Dialect,
         before_read: Callable[[], None],
         read_timeout: float,
+        api_key: str | None = None,
     ) -> None:
+        self._api_key = api_key
         self.response = response
         self.dialect = dialect
         self._before_read = before_read
@@ -118,7 +121,14 @@ class UpstreamStream:
 
     def deltas(self) -> Iterator[Delta]:
         """Every delta until the stream's end marker; raise an ``UpstreamError`` on failure."""
-        return parse_stream(self._chunks(), self.dialect)
+        try:
+            yield from parse_stream(self._chunks(), self.dialect)
+        except UpstreamError as exc:
+            # An upstream that echoes the request (headers included) must not leak the key.
+            if self._api_key and self._api_key in exc.message:
+                exc.message = exc.message.replace(self._api_key, "[redacted]")
+                exc.args = (exc.message,)
+            raise
 
     def _chunks(self) -> Iterator[bytes]:
         raw = self.response.raw

@@ -1,0 +1,107 @@
+"""An upstream that echoes the request back (headers and all) must not leak the API key into
+error messages, and neither must ``repr`` of the settings or the client."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from producer.devservers import free_port
+from producer.settings import Settings
+from producer.spec import JobSpec
+from worker import dialects
+from worker.dialects import Continuation
+from worker.errors import UpstreamError
+from worker.upstream import UpstreamClient
+
+KEY = "sk-echo-secret-0123456789abcdef"
+
+
+async def refuse(request: Request) -> Response:
+    # Like some proxies: the error names the header it did not like, value included.
+    header = request.headers.get("authorization", "")
+    return JSONResponse({"error": {"message": f"bad credentials: {header}"}}, 401)
+
+
+async def error_mid_stream(request: Request) -> Response:
+    header = request.headers.get("authorization", "")
+
+    async def body() -> Iterator[bytes]:  # type: ignore[misc]
+        yield b'data: {"choices":[{"text":"Hi"}]}\n\n'
+        yield ('data: {"error":{"message":"rejected ' + header + '"}}\n\n').encode()
+
+    return StreamingResponse(body(), media_type="text/event-stream")  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def echo_upstream() -> Iterator[str]:
+    app = Starlette(
+        routes=[
+            Route("/inference", refuse, methods=["POST"]),
+            Route("/v1/completions", error_mid_stream, methods=["POST"]),
+        ]
+    )
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def spec(dialect: str) -> JobSpec:
+    return JobSpec.from_dict(
+        {"prompt": "hi", "dialect": dialect},
+        default_model="m",
+        default_dialect=dialect,
+        max_prompt_bytes=1000,
+    )
+
+
+def test_an_echoed_key_is_redacted_from_http_errors(echo_upstream: str) -> None:
+    client = UpstreamClient(echo_upstream, KEY, connect_timeout=2, read_timeout=2)
+    with pytest.raises(UpstreamError) as caught:
+        client.open(
+            dialects.get("together"), spec("together"), Continuation(), before_read=lambda: None
+        )
+    client.close()
+    assert caught.value.status == 401
+    assert "bad credentials: Bearer [redacted]" in caught.value.message
+    assert KEY not in str(caught.value) and KEY not in repr(client)
+
+
+def test_an_echoed_key_is_redacted_from_mid_stream_errors(echo_upstream: str) -> None:
+    client = UpstreamClient(echo_upstream, KEY, connect_timeout=2, read_timeout=2)
+    dialect = dialects.get("openai-completions")
+    stream = client.open(
+        dialect, spec("openai-completions"), Continuation(), before_read=lambda: None
+    )
+    texts = []
+    with pytest.raises(UpstreamError) as caught:
+        for delta in stream.deltas():
+            texts.append(delta.text)
+    stream.close()
+    client.close()
+    assert texts == ["Hi"]
+    assert "[redacted]" in caught.value.message and KEY not in str(caught.value)
+
+
+def test_settings_never_show_keys() -> None:
+    settings = Settings.from_env(
+        {"TOKENRELAY_UPSTREAM_API_KEY": KEY, "TOKENRELAY_API_KEYS": "client-key-0123456789"}
+    )
+    assert settings.upstream_api_key == KEY
+    assert KEY not in repr(settings) and "client-key-0123456789" not in repr(settings)
