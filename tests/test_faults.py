@@ -491,3 +491,30 @@ def test_no_key_outside_the_namespace_and_no_secret_after_the_faults(
     keys = [k.decode() for k in fclient.redis.scan_iter(count=1000)]
     prefix = Keys("trfault").prefix
     assert keys and all(k.startswith(prefix + ":") for k in keys), sorted(keys)[:10]
+
+
+def test_a_redelivered_message_of_a_running_or_finished_job_is_dropped(
+    faults: FaultFleet, fclient: Client
+) -> None:
+    from celery import Celery
+
+    from producer.protocol import TASK_NAME
+
+    prompt = marker("dup")
+    job = fclient.submit(prompt=prompt, model="mock?delay_ms=30", max_tokens=40, follow=True)
+    events, _ = follow(job)
+    wait_for(lambda: len(events) > 3, 20, "not streaming")
+    app = Celery("redeliver", broker=faults.settings.broker_url, set_as_current=False)
+    try:
+        send = {"kwargs": {"job_id": job.id}, "queue": fclient.keys.queue}
+        app.send_task(TASK_NAME, **send)  # while it runs elsewhere, under a live lease
+        wait_done(events)
+        app.send_task(TASK_NAME, **send)  # after it finished
+        logs = lambda: "".join(w.output() for w in faults.workers)  # noqa: E731
+        wait_for(lambda: f"job {job.id}: not run, finished" in logs(), 20, "not dropped")
+        assert f"job {job.id}: not run, busy" in logs()
+    finally:
+        app.close()
+    assert [e.type for e in events].count(EventType.START) == 1
+    assert log_is_clean(fclient, job.id) == events
+    assert token_text(events) == "".join(generate(prompt, 40)[0])
