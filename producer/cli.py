@@ -93,6 +93,22 @@ def _parser() -> argparse.ArgumentParser:
     gateway.add_argument("--port", type=int, default=8000)
     gateway.set_defaults(run=_gateway)
 
+    health = commands.add_parser(
+        "health", help="exit 0 if this host's worker is alive (--all: any worker; --url: a URL)"
+    )
+    health.add_argument("--all", action="store_true", help="check the whole fleet")
+    health.add_argument("--url", help="check that this URL answers 200 (the gateway's /healthz)")
+    health.set_defaults(run=_health)
+
+    workers = commands.add_parser("workers", help="list the live workers")
+    workers.add_argument("--json", action="store_true")
+    workers.set_defaults(run=_workers)
+
+    top = commands.add_parser("top", help="live view of workers, running jobs and throughput")
+    top.add_argument("--interval", type=float, default=1.0)
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.set_defaults(run=_top)
+
     mock = commands.add_parser("mock-upstream", help="serve the mock LLM API")
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=8001)
@@ -169,6 +185,56 @@ def _status(args: argparse.Namespace) -> int:
 def _cancel(args: argparse.Namespace) -> int:
     state = _client().cancel(args.job_id)
     print(json.dumps(state.as_dict(), indent=2))
+    return 0
+
+
+def _redis_and_keys() -> tuple[Any, Any, Settings]:
+    from producer.connection import sync_redis
+    from producer.protocol import Keys
+
+    settings = Settings.from_env()
+    return sync_redis(settings.redis_url), Keys(settings.prefix), settings
+
+
+def _health(args: argparse.Namespace) -> int:
+    from producer import fleet
+
+    if args.url:
+        ok, detail = fleet.check_url(args.url)
+    else:
+        client, keys, _ = _redis_and_keys()
+        check = fleet.check_fleet if args.all else fleet.check_local
+        ok, detail = check(client, keys)
+    print(("ok: " if ok else "unhealthy: ") + detail)
+    return 0 if ok else EXIT_FAILED
+
+
+def _workers(args: argparse.Namespace) -> int:
+    from producer import fleet
+
+    client, keys, _ = _redis_and_keys()
+    rows = fleet.describe(fleet.live_workers(client, keys))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'id':40} {'pool':8} {'conc':>5} {'streams':>7} {'tokens':>10} {'uptime':>8}")
+    for row in rows:
+        print(
+            f"{row['id']:40} {row['pool']:8} {row['concurrency']:>5} {row['active']:>7} "
+            f"{row['tokens']:>10} {row['uptime_s']:>7.0f}s"
+        )
+    if not rows:
+        print("(no live workers)")
+    return 0
+
+
+def _top(args: argparse.Namespace) -> int:
+    from producer import top
+    from producer.connection import sync_redis
+
+    client, keys, settings = _redis_and_keys()
+    broker = sync_redis(settings.broker_url) if settings.broker_url.startswith("redis") else None
+    top.run(client, broker, keys, interval=args.interval, once=args.once)
     return 0
 
 

@@ -27,6 +27,9 @@ DEFAULT_MAX_ATTEMPTS: Final = 3
 DEFAULT_SHUTDOWN_GRACE: Final = 30.0
 DEFAULT_UPSTREAM_RETRIES: Final = 4
 DEFAULT_UPSTREAM_RETRY_WAIT: Final = 30.0
+DEFAULT_METRICS_PORT: Final = 9808
+DEFAULT_HEARTBEAT_SECONDS: Final = 5.0
+LOG_FORMATS: Final = ("text", "json")
 DEFAULT_KEEPALIVE_SECONDS: Final = 15.0
 DEFAULT_MAX_BODY_BYTES: Final = 4 * 1024 * 1024
 
@@ -67,6 +70,15 @@ def _non_negative(kind: Callable[[str], T]) -> Callable[[str], T]:
         if value < 0:  # type: ignore[operator]
             raise ValueError(f"must be 0 or more, got {raw!r}")
         return value
+
+    return convert
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def convert(raw: str) -> str:
+        if raw not in choices:
+            raise ValueError(f"unknown value {raw!r}; expected one of {', '.join(choices)}")
+        return raw
 
     return convert
 
@@ -161,6 +173,9 @@ class Settings:
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     upstream_retries: int = DEFAULT_UPSTREAM_RETRIES
     upstream_retry_wait: float = DEFAULT_UPSTREAM_RETRY_WAIT
+    metrics_port: int = DEFAULT_METRICS_PORT
+    heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS
+    log_format: str = "text"
     # The gateway's.
     api_keys: tuple[str, ...] = field(default=(), repr=False, compare=False)
     cancel_on_disconnect: bool = True
@@ -213,6 +228,13 @@ class Settings:
             upstream_retry_wait=_parse(
                 env, "TOKENRELAY_UPSTREAM_RETRY_WAIT", DEFAULT_UPSTREAM_RETRY_WAIT, _positive(float)
             ),
+            metrics_port=_parse(
+                env, "TOKENRELAY_METRICS_PORT", DEFAULT_METRICS_PORT, _non_negative(int)
+            ),
+            heartbeat_seconds=_parse(
+                env, "TOKENRELAY_HEARTBEAT_SECONDS", DEFAULT_HEARTBEAT_SECONDS, _positive(float)
+            ),
+            log_format=_parse(env, "TOKENRELAY_LOG_FORMAT", "text", _one_of(LOG_FORMATS)),
             api_keys=_read_gateway_keys(env),
             cancel_on_disconnect=_parse(env, "TOKENRELAY_CANCEL_ON_DISCONNECT", True, _boolean),
             keepalive_seconds=_parse(
@@ -250,6 +272,9 @@ KNOWN_VARIABLES: Final = frozenset(
         "TOKENRELAY_SHUTDOWN_GRACE",
         "TOKENRELAY_UPSTREAM_RETRIES",
         "TOKENRELAY_UPSTREAM_RETRY_WAIT",
+        "TOKENRELAY_METRICS_PORT",
+        "TOKENRELAY_HEARTBEAT_SECONDS",
+        "TOKENRELAY_LOG_FORMAT",
         "TOKENRELAY_API_KEYS",
         "TOKENRELAY_API_KEYS_FILE",
         "TOKENRELAY_CANCEL_ON_DISCONNECT",

@@ -106,6 +106,7 @@ def _base_env(redis_url: str, prefix: str) -> dict[str, str]:
         TOKENRELAY_DEFAULT_MODEL="mock",
         TOKENRELAY_UPSTREAM_READ_TIMEOUT="5",
         TOKENRELAY_UPSTREAM_CONNECT_TIMEOUT="2",
+        TOKENRELAY_METRICS_PORT="0",
     )
     return env
 

@@ -33,6 +33,8 @@ def test_documented_numeric_defaults_are_the_real_ones() -> None:
         ("TOKENRELAY_SHUTDOWN_GRACE", "shutdown_grace"),
         ("TOKENRELAY_KEEPALIVE_SECONDS", "keepalive_seconds"),
         ("TOKENRELAY_UPSTREAM_RETRIES", "upstream_retries"),
+        ("TOKENRELAY_METRICS_PORT", "metrics_port"),
+        ("TOKENRELAY_HEARTBEAT_SECONDS", "heartbeat_seconds"),
         ("TOKENRELAY_UPSTREAM_RETRY_WAIT", "upstream_retry_wait"),
         ("TOKENRELAY_MAX_BODY_BYTES", "max_body_bytes"),
     ]:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from celery import Celery
 
+from producer import logs
 from producer.protocol import Keys
 from producer.settings import Settings
 
 settings = Settings.from_env()
+logs.configure(settings.log_format)
 
 app = Celery("tokenrelay", broker=settings.broker_url, include=["worker.tasks"])
 app.conf.update(

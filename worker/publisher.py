@@ -26,6 +26,7 @@ from producer.protocol import (
     encode_token,
     make_event,
 )
+from worker import metrics
 from worker.errors import Fenced
 
 PUBLISH_COMMAND: Final = "PUBLISH"
@@ -89,6 +90,15 @@ class JobPublisher:
         self._pending_tokens = 0
         self.cancel_requested = False
         self.finished = False
+        self.started = time.monotonic()
+        self._last_tokens_at: float | None = None
+        self._first_tokens_at: float | None = None
+
+    @property
+    def first_token_after(self) -> float | None:
+        """Seconds from the start of this attempt to its first published token."""
+        first = self._first_tokens_at
+        return None if first is None else first - self.started
 
     def token(self, text: str) -> None:
         self._pending += (self.next_seq, encode_token(self.job_id, self.next_seq, text))
@@ -122,11 +132,23 @@ class JobPublisher:
                 final += (name, value if isinstance(value, str) else json.dumps(value))
         self._call([len(final), *final])
         self.finished = True
+        metrics.JOBS_FINISHED.labels(STATUS_OF_TERMINAL[type_]).inc()
 
     def _call(self, final: list[Any]) -> None:
         tokens = self._pending_tokens
         args = [*self._head, tokens, *final, *self._pending]
+        began = time.monotonic()
         result = self._script(keys=self._keys, args=args)
+        now = time.monotonic()
+        metrics.PUBLISH.observe(now - began)
+        if tokens:
+            metrics.TOKENS.inc(tokens)
+            if self._last_tokens_at is None:
+                self._first_tokens_at = began
+                metrics.TTFT.observe(began - self.started)
+            else:
+                metrics.GAP.observe(began - self._last_tokens_at)
+            self._last_tokens_at = began
         self._pending, self._pending_tokens = [], 0
         if result == -1:
             self.finished = True

@@ -16,7 +16,7 @@ from typing import Any, Final
 from producer import scripts
 from producer.protocol import EventType, StateField
 from producer.spec import InvalidJob, JobSpec
-from worker import dialects
+from worker import dialects, metrics
 from worker.dialects import Continuation
 from worker.errors import (
     DeadlineExceeded,
@@ -64,6 +64,14 @@ def run_job(runtime: Runtime, job_id: str, spec_data: Mapping[str, Any] | None) 
     active = ActiveJob(job_id, owner, deadline=time.monotonic() + settings.job_deadline)
     runtime.register(active)
     started = time.monotonic()
+    log.info(
+        "job %s started: model %s, attempt %d",
+        job_id,
+        _model_of(spec_data),
+        taken.attempt,
+        extra={"job": job_id, "attempt": taken.attempt, "event": "job_started"},
+    )
+    outcome = "error"
     try:
         outcome = _run_claimed(runtime, active, publisher, taken.attempt, taken.cancel, spec_data)
         if publisher.finished and outcome != "fenced":
@@ -71,12 +79,26 @@ def run_job(runtime: Runtime, job_id: str, spec_data: Mapping[str, Any] | None) 
         return outcome
     finally:
         runtime.unregister(active)
+        duration = time.monotonic() - started
+        ttft = publisher.first_token_after
         log.info(
-            "job %s: attempt %d ended after %.3f s with %d tokens",
+            "job %s finished: %s after %.3f s, attempt %d, %d tokens, ttft %s",
             job_id,
+            outcome,
+            duration,
             taken.attempt,
-            time.monotonic() - started,
             publisher.tokens,
+            "-" if ttft is None else f"{ttft:.3f} s",
+            extra={
+                "event": "job_finished",
+                "job": job_id,
+                "model": active.model,
+                "attempt": taken.attempt,
+                "tokens": publisher.tokens,
+                "ttft_s": None if ttft is None else round(ttft, 4),
+                "duration_s": round(duration, 4),
+                "outcome": outcome,
+            },
         )
 
 
@@ -90,10 +112,18 @@ def _run_claimed(
 ) -> str:
     try:
         if attempt > 1:
+            metrics.RESTARTS.inc()
             publisher.event(EventType.RESTART, attempt=attempt)
         spec = _spec(runtime, active.job_id, spec_data)
+        active.model = spec.model
         active.deadline = time.monotonic() + (spec.deadline or runtime.settings.job_deadline)
-        publisher.event(EventType.START, attempt=attempt, model=spec.model, ts=time.time())
+        publisher.event(
+            EventType.START,
+            attempt=attempt,
+            model=spec.model,
+            ts=time.time(),
+            worker=runtime.worker_id,
+        )
         if attempt > runtime.settings.max_attempts:
             raise TooManyAttempts(f"the job was started {attempt} times; its workers kept dying")
         if cancel:
@@ -105,6 +135,8 @@ def _run_claimed(
         publisher.finish(EventType.CANCELLED)
         return "cancelled"
     except JobFailed as exc:
+        if isinstance(exc, UpstreamError):
+            metrics.UPSTREAM_ERRORS.labels(exc.code).inc()
         publisher.finish(
             EventType.ERROR, code=exc.code, message=exc.message, status=_status_of(exc)
         )
@@ -135,6 +167,11 @@ def _hand_back(runtime: Runtime, active: ActiveJob, publisher: JobPublisher) -> 
         runtime.requeue(active.job_id)
         log.warning("job %s: handed back to the queue at shutdown", active.job_id)
     return "released"
+
+
+def _model_of(spec_data: Mapping[str, Any] | None) -> str:
+    model = spec_data.get("model") if isinstance(spec_data, Mapping) else None
+    return str(model)[:100] if model else "(default)"
 
 
 def _status_of(exc: JobFailed) -> int | None:
@@ -222,6 +259,7 @@ def _stream(
                 pause = retry.next_pause(exc.retry_after)
                 if pause is None:
                     raise _exhausted(exc, retry) from None
+                metrics.RETRIES.labels(exc.code).inc()
                 log.info("job %s: upstream %s; retry in %.2f s", active.job_id, exc.code, pause)
                 _pause(pause, before_read)
             elif spec.on_interrupt == "continue" and resumes < MAX_RESUMES:

@@ -9,6 +9,9 @@ upstream socket, which wakes the read it is blocked in.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
+import json
 import logging
 import os
 import socket
@@ -19,14 +22,26 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import redis
+from prometheus_client import REGISTRY
 
 from producer.connection import sync_redis
 from producer.protocol import TASK_NAME, Keys, decode_control
 from producer.settings import Settings
+from worker import metrics
 from worker.publisher import Scripts
 from worker.upstream import UpstreamClient, UpstreamStream
 
 log = logging.getLogger("tokenrelay.worker")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("tokenrelay")
+    except importlib.metadata.PackageNotFoundError:  # a checkout that is not installed
+        return "unknown"
+
+
+_VERSION: Final = _version()
 
 TICK: Final = 0.1
 REAP_EVERY: Final = 1.0  # seconds between looks for jobs whose worker died
@@ -41,6 +56,7 @@ class ActiveJob:
     owner: str
     deadline: float  # time.monotonic() value
     stream: UpstreamStream | None = None
+    model: str = ""
     interrupted: str | None = None  # cancelled | deadline | fenced | shutdown
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -81,6 +97,8 @@ class Runtime:
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.lease_ms = int(settings.lease_seconds * 1000)
         self.jobs: dict[str, ActiveJob] = {}
+        self.pool, self.concurrency = "unknown", 0
+        self.started_at = time.time()
         self._stopping = threading.Event()
         self._threads = [
             threading.Thread(target=self._listen, name="tokenrelay-control", daemon=True),
@@ -109,17 +127,45 @@ class Runtime:
 
     def register(self, job: ActiveJob) -> None:
         self.jobs[job.job_id] = job
+        metrics.ACTIVE.set(len(self.jobs))
 
     def unregister(self, job: ActiveJob) -> None:
         if self.jobs.get(job.job_id) is job:
             del self.jobs[job.job_id]
+        metrics.ACTIVE.set(len(self.jobs))
+
+    def describe(self, pool: str, concurrency: int) -> None:
+        """What the heartbeat says about this worker's pool (known once Celery is ready)."""
+        self.pool, self.concurrency = pool, concurrency
+        self._beat()
+
+    def heartbeat(self) -> dict[str, object]:
+        return {
+            "id": self.worker_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "pool": self.pool,
+            "concurrency": self.concurrency,
+            "active": len(self.jobs),
+            "tokens": int(REGISTRY.get_sample_value("tokenrelay_tokens_published_total") or 0),
+            "version": _VERSION,
+            "started": self.started_at,
+            "at": time.time(),
+        }
+
+    def _beat(self) -> None:
+        ttl = max(1, round(self.settings.heartbeat_seconds * 3))
+        self.redis.set(self.keys.worker(self.worker_id), json.dumps(self.heartbeat()), ex=ttl)
 
     def interrupt_all(self, reason: str) -> None:
         for job in list(self.jobs.values()):
             job.interrupt(reason)
 
     def stop(self) -> None:
+        """Stop the background threads and withdraw the heartbeat."""
         self._stopping.set()
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError, OSError):
+            self.redis.delete(self.keys.worker(self.worker_id))
 
     def _listen(self) -> None:
         """Hear cancel requests for jobs of this process, reconnecting after any failure."""
@@ -152,7 +198,7 @@ class Runtime:
         """Enforce deadlines every tick; renew every lease a few times per lease period; look
         for jobs whose worker died every ``REAP_EVERY`` seconds."""
         renew_every = max(self.settings.lease_seconds / 4, TICK)
-        next_renewal = next_reap = time.monotonic()
+        next_renewal = next_reap = next_beat = time.monotonic()
         while not self._stopping.wait(TICK):
             now = time.monotonic()
             for job in list(self.jobs.values()):
@@ -165,6 +211,9 @@ class Runtime:
                 if now >= next_reap:
                     next_reap = now + REAP_EVERY
                     self._reap()
+                if now >= next_beat:
+                    next_beat = now + self.settings.heartbeat_seconds
+                    self._beat()
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 log.warning("lease keeping failed (%s); will retry", type(exc).__name__)
             except Exception:
@@ -190,6 +239,7 @@ class Runtime:
             if verdict in ("gone", "finished"):
                 self.redis.zrem(self.keys.running, job_id)
             elif verdict == "requeue":
+                metrics.TAKEOVERS.inc()
                 log.warning("job %s: its worker stopped renewing the lease; re-enqueued", job_id)
                 self.requeue(job_id)
 

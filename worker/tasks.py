@@ -6,9 +6,15 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from celery.signals import worker_process_init, worker_ready, worker_shutting_down
+from celery.signals import (
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 
 from producer.protocol import TASK_NAME, ProtocolError, validate_job_id
+from worker import metrics
 from worker.app import app
 from worker.runner import run_job
 from worker.runtime import Runtime, log
@@ -47,7 +53,17 @@ def _start_runtime(sender: Any = None, **_: Any) -> None:
     pool = getattr(sender, "pool", None)
     if pool is not None and "prefork" in type(pool).__module__:
         return
-    Runtime.get()
+    runtime = Runtime.get()
+    name = type(pool).__module__.rsplit(".", 1)[-1] if pool is not None else "unknown"
+    runtime.describe(name, int(getattr(pool, "limit", 0) or 0))
+    metrics.serve(runtime.settings.metrics_port)
+
+
+@worker_shutdown.connect  # type: ignore[untyped-decorator]
+def _stop_runtime(**_: Any) -> None:
+    runtime = Runtime.current()
+    if runtime is not None:
+        runtime.stop()
 
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import uvicorn
 
+from producer import logs
 from producer.gateway.app import create_app
+from producer.settings import Settings
 
 __all__ = ["create_app", "serve"]
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     """Run the gateway under uvicorn until interrupted."""
+    logs.configure(Settings.from_env().log_format)
     uvicorn.run(
         create_app(),
         host=host,

@@ -25,12 +25,13 @@ from typing import Any, TypeVar
 
 import redis.exceptions
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from producer.aio import AsyncClient, AsyncJob
-from producer.gateway import compat
+from producer.gateway import compat, metrics
 from producer.gateway.auth import Auth, Unauthorized
 from producer.gateway.openapi import OPENAPI
 from producer.gateway.sse import DONE_FRAME, EventStream, frame, with_keepalive
@@ -109,6 +110,12 @@ class Gateway:
         if tenant is not None and state.tenant != tenant:
             raise HTTPError(404, f"no job {job_id!r}", "not_found")
         return state
+
+    async def queue_depth(self) -> int | None:
+        """Messages waiting in the broker's queue, when the broker is this Redis (else None)."""
+        if self.settings.broker_url != self.settings.redis_url:
+            return None
+        return int(await self.client.redis.llen(self.keys.queue))
 
     async def cancel_quietly(self, job_id: str) -> None:
         with contextlib.suppress(Exception):
@@ -255,6 +262,7 @@ class Gateway:
             Route("/", self.page, methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/openapi.json", self.openapi, methods=["GET"]),
+            Route("/metrics", metrics.render, methods=["GET"]),
             Route("/inference", self.together, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
@@ -287,6 +295,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         routes=gateway.routes(),
         lifespan=lifespan,
         exception_handlers={HTTPError: http_error, Unauthorized: unauthorized},
+        middleware=[Middleware(metrics.CountRequests)],
     )
     app.state.gateway = gateway
     return app

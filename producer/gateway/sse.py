@@ -15,6 +15,8 @@ from typing import Final
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from producer.gateway.metrics import STREAMS
+
 DONE_FRAME: Final = b"data: [DONE]\n\n"
 KEEPALIVE_FRAME: Final = b": keep-alive\n\n"
 SSE_HEADERS: Final = {
@@ -52,6 +54,13 @@ class EventStream(Response):
         self.init_headers({**SSE_HEADERS, **(headers or {})})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        STREAMS.inc()
+        try:
+            await self._stream(receive, send)
+        finally:
+            STREAMS.dec()
+
+    async def _stream(self, receive: Receive, send: Send) -> None:
         pump = asyncio.ensure_future(self._pump(send))
         watch = asyncio.ensure_future(_wait_for_disconnect(receive))
         try:
