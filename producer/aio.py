@@ -27,7 +27,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer import scripts
 from producer.client import cancelled_prefix, create_args, override_settings, prepare
-from producer.connection import async_redis
+from producer.connection import async_redis, is_cluster, publish_command
 from producer.enqueue import Enqueuer
 from producer.protocol import Event, EventType, Keys, encode_cancel, validate_job_id
 from producer.reading import (
@@ -87,12 +87,15 @@ class Multiplexer:
     with backoff, subscribes again, and tells every reader to fill the gap from the log.
     """
 
-    def __init__(self, redis_client: redis.asyncio.Redis, buffer: int = BUFFER) -> None:
+    def __init__(
+        self, redis_client: redis.asyncio.Redis, buffer: int = BUFFER, *, sharded: bool = False
+    ) -> None:
         self._redis = redis_client
+        self._sharded = sharded
         self._buffer = buffer
         self._listeners: dict[str, set[_Listener]] = {}
         self._confirmed: dict[str, asyncio.Future[None]] = {}
-        self._pubsub: redis.asyncio.client.PubSub | None = None
+        self._pubsub: Any = None  # a PubSub, or a ClusterPubSub when sharded
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._closed = False
@@ -131,7 +134,10 @@ class Multiplexer:
             self._confirmed.pop(channel, None)
             if self._pubsub is not None:
                 with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
-                    await self._pubsub.unsubscribe(channel)
+                    if self._sharded:
+                        await self._pubsub.sunsubscribe(channel)
+                    else:
+                        await self._pubsub.unsubscribe(channel)
 
     async def close(self) -> None:
         self._closed = True
@@ -141,7 +147,7 @@ class Multiplexer:
                 await self._task
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+                await self._pubsub.aclose()
 
     def _ensure_running(self) -> None:
         if self._task is None or self._task.done():
@@ -149,10 +155,15 @@ class Multiplexer:
 
     async def _send_subscribe(self, channels: Sequence[str]) -> None:
         if self._pubsub is None:
+            if self._sharded:
+                await self._redis.initialize()  # learn the slot map before subscribing by slot
             self._pubsub = self._redis.pubsub()
         # On failure the reader task reconnects and subscribes again; meanwhile readers poll.
         with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
-            await self._pubsub.subscribe(*channels)
+            if self._sharded:
+                await self._pubsub.ssubscribe(*channels)
+            else:
+                await self._pubsub.subscribe(*channels)
 
     async def _run(self) -> None:
         delay = 0.05
@@ -170,10 +181,16 @@ class Multiplexer:
     async def _pump(self) -> None:
         while True:
             pubsub = self._pubsub
-            if pubsub is None or not pubsub.subscribed:
+            if pubsub is None or not self._listeners:
                 await asyncio.sleep(0.05)
                 continue
-            message = await pubsub.get_message(timeout=1.0)
+            if self._sharded:
+                message = await pubsub.get_sharded_message(timeout=1.0)
+            else:
+                if not pubsub.subscribed:
+                    await asyncio.sleep(0.05)
+                    continue
+                message = await pubsub.get_message(timeout=1.0)
             if message is None:
                 continue
             kind, channel = message["type"], message["channel"]
@@ -198,7 +215,7 @@ class Multiplexer:
             old, self._pubsub = self._pubsub, None
             if old is not None:
                 with contextlib.suppress(Exception):
-                    await old.aclose()  # type: ignore[no-untyped-call]
+                    await old.aclose()
             channels = list(self._listeners)
             for channel in channels:
                 for listener in self._listeners[channel]:
@@ -228,7 +245,9 @@ class AsyncClient:
         self.redis = async_redis(
             self.settings.redis_url, max_connections=max_connections, client_name=client_name
         )
-        self.multiplexer = Multiplexer(self.redis, buffer)
+        self.multiplexer = Multiplexer(
+            self.redis, buffer, sharded=is_cluster(self.settings.redis_url)
+        )
         self._create = self.redis.register_script(scripts.CREATE)
         self._cancel = self.redis.register_script(scripts.CANCEL)
         self._enqueuer: Enqueuer | None = None
@@ -237,7 +256,10 @@ class AsyncClient:
         await self.multiplexer.close()
         if self._enqueuer is not None:
             await asyncio.to_thread(self._enqueuer.close)
-        await self.redis.aclose(close_connection_pool=True)
+        if isinstance(self.redis, redis.asyncio.Redis):
+            await self.redis.aclose(close_connection_pool=True)
+        else:  # a RedisCluster closes its nodes' pools itself
+            await self.redis.aclose()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -296,7 +318,7 @@ class AsyncClient:
         status = await self._cancel(
             keys=[self.keys.state(job_id), self.keys.log(job_id), self.keys.channel(job_id)],
             args=[
-                "PUBLISH",
+                publish_command(self.settings.redis_url),
                 self.settings.job_ttl,
                 int(time.time() * 1000),
                 job_id,

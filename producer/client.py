@@ -21,7 +21,7 @@ from typing import Any
 import redis
 
 from producer import scripts
-from producer.connection import sync_redis
+from producer.connection import is_cluster, publish_command, sync_redis
 from producer.enqueue import Enqueuer
 from producer.protocol import (
     VERSION,
@@ -48,6 +48,8 @@ from producer.spec import InvalidJob, JobSpec
 
 LOG_BATCH = 1000
 POLL_INTERVAL = 1.0
+_SUBSCRIBED = ("subscribe", "ssubscribe")
+_MESSAGES = ("message", "smessage")
 
 
 def new_job_id() -> str:
@@ -105,9 +107,10 @@ class Client:
         base = settings or Settings.from_env()
         self.settings = override_settings(base, redis_url, broker_url, prefix)
         self.keys = Keys(self.settings.prefix)
-        self.redis: redis.Redis = sync_redis(self.settings.redis_url)
+        self.redis: redis.Redis = sync_redis(self.settings.redis_url)  # or a RedisCluster
         self._create = self.redis.register_script(scripts.CREATE)
         self._cancel = self.redis.register_script(scripts.CANCEL)
+        self.sharded = is_cluster(self.settings.redis_url)
         self._enqueuer = Enqueuer(self.settings)
 
     def close(self) -> None:
@@ -201,7 +204,7 @@ class Client:
         status = self._cancel(
             keys=[self.keys.state(job_id), self.keys.log(job_id), self.keys.channel(job_id)],
             args=[
-                "PUBLISH",
+                publish_command(self.settings.redis_url),
                 self.settings.job_ttl,
                 int(time.time() * 1000),
                 job_id,
@@ -222,19 +225,29 @@ class Subscription:
         self._client = client
         self.job_id = job_id
         self.sequencer = Sequencer(last=after)
-        self._pubsub: redis.client.PubSub | None = None
+        self._pubsub: Any = None
         self.reconnects = 0  # times the live connection was lost and the log filled the gap
 
     def open(self) -> None:
         """Subscribe, and wait until Redis confirms it: only then is reading the log safe."""
         if self._pubsub is None:
             self._pubsub = self._client.redis.pubsub()  # type: ignore[no-untyped-call]
-            self._pubsub.subscribe(self._client.keys.channel(self.job_id))
+            channel = self._client.keys.channel(self.job_id)
+            if self._client.sharded:
+                self._pubsub.ssubscribe(channel)
+            else:
+                self._pubsub.subscribe(channel)
             deadline = time.monotonic() + 5.0
             while (left := deadline - time.monotonic()) > 0:
-                message = self._pubsub.get_message(timeout=left)
-                if message is not None and message["type"] == "subscribe":
+                message = self._get(left)
+                if message is not None and message["type"] in _SUBSCRIBED:
                     return
+
+    def _get(self, timeout: float) -> Any:
+        assert self._pubsub is not None
+        if self._client.sharded:
+            return self._pubsub.get_sharded_message(timeout=timeout)
+        return self._pubsub.get_message(timeout=timeout)
 
     def close(self) -> None:
         if self._pubsub is not None:
@@ -264,8 +277,7 @@ class Subscription:
 
     def _next_live(self, wait: float) -> Iterator[Event]:
         try:
-            assert self._pubsub is not None
-            message = self._pubsub.get_message(timeout=wait)
+            message = self._get(wait)
         except (redis.ConnectionError, redis.TimeoutError):
             # Resubscribe and let the log fill whatever was missed meanwhile.
             self.reconnects += 1
@@ -273,8 +285,8 @@ class Subscription:
             time.sleep(0.05)
             self.open()
             message = None
-        if message is not None and message["type"] != "message":
-            if message["type"] == "subscribe":
+        if message is not None and message["type"] not in _MESSAGES:
+            if message["type"] in _SUBSCRIBED:
                 # redis-py reconnected and subscribed again: the log holds what was missed.
                 self.reconnects += 1
             message = None

@@ -31,8 +31,31 @@ def _options(max_connections: int | None) -> dict[str, Any]:
     }
 
 
-def sync_redis(url: str, *, max_connections: int | None = None) -> redis.Redis:
-    """A blocking client (cooperative under gevent) for ``url``."""
+_CLUSTER_SCHEMES: Final = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def is_cluster(url: str) -> bool:
+    """``redis+cluster://`` (or ``rediss+cluster://``) names a Redis Cluster."""
+    return url.split("://", 1)[0] in _CLUSTER_SCHEMES
+
+
+def publish_command(url: str) -> str:
+    """Sharded pub/sub on a cluster (a channel lives on its slot's shard), else PUBLISH."""
+    return "SPUBLISH" if is_cluster(url) else "PUBLISH"
+
+
+def _plain(url: str) -> str:
+    scheme, rest = url.split("://", 1)
+    return f"{_CLUSTER_SCHEMES[scheme]}://{rest}"
+
+
+def sync_redis(url: str, *, max_connections: int | None = None) -> Any:
+    """A blocking client (cooperative under gevent) for ``url``: ``redis.Redis`` or, for a
+    ``redis+cluster://`` URL, ``redis.cluster.RedisCluster``."""
+    if is_cluster(url):
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(_plain(url), socket_keepalive=True)
     return redis.Redis.from_url(url, **_options(max_connections))
 
 
@@ -44,6 +67,11 @@ def async_redis(
     With ``max_connections`` the pool is a blocking one: a command waits for a free connection
     instead of opening another, so a busy process holds a fixed number of connections.
     """
+    if is_cluster(url):
+        from redis.asyncio.cluster import RedisCluster
+
+        per_node = {"max_connections": max_connections} if max_connections else {}
+        return RedisCluster.from_url(_plain(url), socket_keepalive=True, **per_node)  # type: ignore[return-value]
     options = _options(max_connections)
     options["retry"] = AsyncRetry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), RETRIES)
     if client_name:

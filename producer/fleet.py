@@ -49,7 +49,9 @@ class Worker:
 def live_workers(client: redis.Redis, keys: Keys) -> list[Worker]:
     """Every worker whose heartbeat has not expired, by id."""
     names = sorted(client.scan_iter(match=keys.worker_pattern, count=1000))
-    values = client.mget(names) if names else []
+    # On a cluster the heartbeat keys live on different slots: one MGET per slot.
+    mget = getattr(client, "mget_nonatomic", client.mget)
+    values = mget(names) if names else []
     workers = []
     for value in values:
         if value is None:

@@ -60,6 +60,7 @@ def run_job(runtime: Runtime, job_id: str, spec_data: Mapping[str, Any] | None) 
         next_seq=taken.last_seq + 1,
         lease_ms=runtime.lease_ms,
         ttl=settings.job_ttl,
+        publish_command=runtime.publish_command,
     )
     active = ActiveJob(job_id, owner, deadline=time.monotonic() + settings.job_deadline)
     runtime.register(active)

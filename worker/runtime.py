@@ -19,12 +19,12 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import redis
 from prometheus_client import REGISTRY
 
-from producer.connection import sync_redis
+from producer.connection import is_cluster, publish_command, sync_redis
 from producer.protocol import TASK_NAME, Keys, decode_control
 from producer.settings import Settings
 from worker import metrics
@@ -87,6 +87,8 @@ class Runtime:
         self.settings = settings
         self.keys = Keys(settings.prefix)
         self.redis: redis.Redis = sync_redis(settings.redis_url)
+        self.sharded = is_cluster(settings.redis_url)
+        self.publish_command = publish_command(settings.redis_url)
         self.scripts = Scripts(self.redis)
         self.upstream = UpstreamClient(
             settings.upstream_url,
@@ -229,12 +231,11 @@ class Runtime:
         ids = [job_id for job_id in ids if job_id not in self.jobs]
         if not ids:
             return
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in ids:
-            self.scripts.takeover(
-                keys=[self.keys.state(job_id), self.keys.lease(job_id)], client=pipe
-            )
-        for job_id, verdict in zip(ids, pipe.execute(), strict=True):
+        verdicts = self._each(
+            self.scripts.takeover,
+            [([self.keys.state(job_id), self.keys.lease(job_id)], []) for job_id in ids],
+        )
+        for job_id, verdict in zip(ids, verdicts, strict=True):
             verdict = verdict.decode() if isinstance(verdict, bytes) else str(verdict)
             if verdict in ("gone", "finished"):
                 self.redis.zrem(self.keys.running, job_id)
@@ -242,6 +243,16 @@ class Runtime:
                 metrics.TAKEOVERS.inc()
                 log.warning("job %s: its worker stopped renewing the lease; re-enqueued", job_id)
                 self.requeue(job_id)
+
+    def _each(self, script: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run ``script`` once per (keys, args): one pipelined round trip on a single Redis; one
+        call each on a cluster, where the jobs' keys live on different shards."""
+        if self.sharded:
+            return [script(keys=keys, args=args) for keys, args in calls]
+        pipe = self.redis.pipeline(transaction=False)
+        for keys, args in calls:
+            script(keys=keys, args=args, client=pipe)
+        return list(pipe.execute())
 
     def requeue(self, job_id: str) -> None:
         """Put a job back on the queue; its next claim starts a new attempt."""
@@ -259,14 +270,14 @@ class Runtime:
         jobs = list(self.jobs.values())
         if not jobs:
             return
-        pipe = self.redis.pipeline(transaction=False)
-        for job in jobs:
-            self.scripts.renew(
-                keys=[self.keys.state(job.job_id), self.keys.lease(job.job_id)],
-                args=[job.owner, self.lease_ms],
-                client=pipe,
-            )
-        for job, result in zip(jobs, pipe.execute(), strict=True):
+        results = self._each(
+            self.scripts.renew,
+            [
+                ([self.keys.state(j.job_id), self.keys.lease(j.job_id)], [j.owner, self.lease_ms])
+                for j in jobs
+            ],
+        )
+        for job, result in zip(jobs, results, strict=True):
             if result == -1:
                 job.interrupt("fenced")
             elif result == 1:

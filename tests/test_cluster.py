@@ -1,0 +1,177 @@
+"""Redis Cluster as the event bus: three masters on loopback, sharded pub/sub, every key of a job
+on one slot. The broker stays the session's standalone Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from redis.cluster import RedisCluster
+
+from producer import AsyncClient, Client, EventType
+from producer.devservers import Process, RedisServer, free_port, start_worker
+from producer.mock_upstream import generate
+from producer.settings import Settings
+from tests.conftest import Fleet, marker
+from tests.test_pipeline import assert_well_formed, token_text
+
+pytestmark = pytest.mark.slow
+
+
+class Cluster:
+    def __init__(self, run_dir: Path) -> None:
+        self.nodes: list[RedisServer] = []
+        for i in range(3):
+            directory = run_dir / f"cluster-{i}"
+            directory.mkdir()
+            # The cluster bus port is set explicitly: the default (port + 10000) may not exist.
+            extra = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+                "--cluster-port",
+                str(free_port()),
+            ]
+            self.nodes.append(RedisServer(directory=directory, extra=extra).start())
+        try:
+            self._create()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _create(self) -> None:
+        cli = shutil.which("redis-cli")
+        assert cli, "redis-cli is needed to create the cluster (Debian's redis-tools)"
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        deadline = time.monotonic() + 30
+        while not all(self._ok(node.port) for node in self.nodes):
+            assert time.monotonic() < deadline, "cluster never reached state ok"
+            time.sleep(0.1)
+
+    @staticmethod
+    def _ok(port: int) -> bool:
+        client = redis.Redis(port=port)
+        try:
+            info = client.execute_command("CLUSTER INFO")
+            return "cluster_state:ok" in str(info) or (
+                isinstance(info, dict) and info.get("cluster_state") == "ok"
+            )
+        finally:
+            client.close()
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+    def node_port_of(self, key: str) -> int:
+        client = RedisCluster(host="127.0.0.1", port=self.nodes[0].port)
+        try:
+            return int(client.get_node_from_key(key).port)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster_fleet(run_dir: Path, fleet: Fleet) -> Iterator[tuple[Cluster, dict[str, str]]]:
+    cluster = Cluster(run_dir)
+    env = {
+        **fleet.env,
+        "TOKENRELAY_REDIS_URL": cluster.url,
+        "TOKENRELAY_BROKER_URL": fleet.settings.redis_url,
+        "TOKENRELAY_PREFIX": "trcluster",
+    }
+    process: Process | None = None
+    try:
+        process = start_worker(
+            env, concurrency=50, name="cluster@%h", log_path=run_dir / "worker-cluster.log"
+        )
+        deadline = time.monotonic() + 30
+        while "ready." not in process.output():
+            assert process.alive() and time.monotonic() < deadline, process.output()[-3000:]
+            time.sleep(0.1)
+        yield cluster, env
+    finally:
+        if process is not None:
+            process.stop()
+        cluster.stop()
+
+
+def test_jobs_on_every_shard_reach_sync_and_async_readers(
+    cluster_fleet: tuple[Cluster, dict[str, str]],
+) -> None:
+    cluster, env = cluster_fleet
+    settings = Settings.from_env(env)
+    with Client(settings=settings) as client:
+        prompts = [marker(f"shard{i}") for i in range(12)]
+        jobs = [
+            client.submit(prompt=p, model="mock?delay_ms=10", max_tokens=30, follow=True)
+            for p in prompts
+        ]
+        shards = {cluster.node_port_of(client.keys.channel(job.id)) for job in jobs}
+        assert len(shards) == 3, "the jobs' channels should land on all three shards"
+        for job in jobs:
+            # One job's keys share one slot: the hash tag works.
+            slots = {
+                RedisCluster.keyslot(client.redis, key) for key in client.keys.job_keys(job.id)
+            }
+            assert len(slots) == 1
+        for prompt, job in zip(prompts, jobs, strict=True):
+            events = list(job.events(timeout=30))
+            assert_well_formed(events, job.id)
+            assert token_text(events) == "".join(generate(prompt, 30)[0])
+            late = list(client.subscribe(job.id).events(timeout=10))
+            assert late == events
+
+    async def read_async() -> list[str]:
+        async with AsyncClient(settings=settings) as aclient:
+            ajobs = [
+                await aclient.submit(p, model="mock?delay_ms=10", max_tokens=20, follow=True)
+                for p in prompts[:6]
+            ]
+            return list(await asyncio.gather(*(job.text(timeout=30) for job in ajobs)))
+
+    texts = asyncio.run(asyncio.wait_for(read_async(), 60))
+    assert texts == ["".join(generate(p, 20)[0]) for p in prompts[:6]]
+
+
+def test_channels_are_sharded_and_cancel_reaches_the_worker(
+    cluster_fleet: tuple[Cluster, dict[str, str]],
+) -> None:
+    cluster, env = cluster_fleet
+    with Client(settings=Settings.from_env(env)) as client:
+        job = client.submit(
+            prompt=marker("scancel"), model="mock?delay_ms=50", max_tokens=300, follow=True
+        )
+        channel = client.keys.channel(job.id)
+        owner = redis.Redis(port=cluster.node_port_of(channel))
+        try:
+            assert channel.encode() in owner.execute_command("PUBSUB", "SHARDCHANNELS")
+            assert channel.encode() not in owner.execute_command("PUBSUB", "CHANNELS")
+        finally:
+            owner.close()
+        events = []
+        for event in job.events(timeout=30):
+            events.append(event)
+            if event.type is EventType.TOKEN and event.seq == 3:
+                client.cancel(job.id)
+        assert events[-1].type is EventType.CANCELLED
+        assert_well_formed(events, job.id)
