@@ -277,7 +277,21 @@ class AsyncClient:
         **request: Any,
     ) -> AsyncJob:
         """Validate and enqueue a job (the keyword arguments of ``Client.submit``)."""
-        job_id, spec = prepare(self.settings, {"prompt": prompt, **request}, job_id)
+        return await self.submit_request(
+            {"prompt": prompt, **request}, job_id=job_id, follow=follow, tenant=tenant
+        )
+
+    async def submit_request(
+        self,
+        request: dict[str, Any],
+        *,
+        job_id: str | None = None,
+        follow: bool = False,
+        tenant: str | None = None,
+    ) -> AsyncJob:
+        """``submit`` with the job's fields as one mapping, e.g. an HTTP request's body; a field
+        that is not a job field is refused by name."""
+        job_id, spec = prepare(self.settings, request, job_id)
         job = AsyncJob(self, job_id)
         if follow:
             await job.open()

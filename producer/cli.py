@@ -35,6 +35,11 @@ DEMO_PROMPT = "Alan Turing was"
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):
+        # A token may hold a lone surrogate (an upstream's broken UTF-16): print its escape.
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     try:
         return int(args.run(args))
     except (InvalidJob, ProtocolError, SettingsError) as exc:

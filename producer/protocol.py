@@ -162,6 +162,10 @@ class Keys:
         return f"{self.prefix}:worker:*"
 
 
+#: The largest seq an event may carry (its log entry id must fit a Redis stream id).
+MAX_SEQ: Final = 2**53
+
+
 def log_entry_id(seq: int) -> str:
     """The log entry id of event ``seq``: ``0-(seq+1)``, since ``0-0`` is not a valid id."""
     return f"0-{seq + 1}"
@@ -261,7 +265,8 @@ def decode(data: bytes | str) -> Event:
         raise ProtocolError("event is not valid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise ProtocolError("event must be a JSON object")
-    if obj.get("v") != VERSION:
+    version = obj.get("v")
+    if type(version) is not int or version != VERSION:
         raise ProtocolError(f"v: unsupported protocol version {_shown(obj.get('v'))}")
     job = obj.get("job")
     try:
@@ -269,8 +274,8 @@ def decode(data: bytes | str) -> Event:
     except ProtocolError:
         raise ProtocolError("job: not a valid job id") from None
     seq = obj.get("seq")
-    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-        raise ProtocolError("seq: must be a non-negative integer")
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_SEQ:
+        raise ProtocolError(f"seq: must be an integer from 0 to {MAX_SEQ}")
     type_name = obj.get("type")
     if not isinstance(type_name, str) or type_name not in _TYPE_NAMES:
         raise ProtocolError(f"type: unknown event type {_shown(type_name)}")

@@ -457,3 +457,22 @@ def test_socket_closed_without_reading_does_not_hurt_the_gateway(gateway: Gatewa
     with socket.create_connection((host, int(port)), timeout=5) as sock:
         sock.sendall(b"POST /inference HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
     assert requests.get(gateway.url + "/healthz", timeout=10).status_code == 200
+
+
+def test_hostile_bodies_are_refused_cleanly(gateway: Gateway) -> None:
+    deep = requests.post(gateway.url + "/v1/jobs", data=b"[" * 100_000, timeout=10)
+    assert deep.status_code == 400 and "nested too deeply" in deep.json()["error"]["message"]
+    # A key that is a lone surrogate, escaped in JSON: refused by name, answered as valid JSON.
+    odd = requests.post(
+        gateway.url + "/v1/jobs",
+        data=b'{"prompt": "x", "\\ud800": 1}',
+        headers={"Content-Type": "application/json"},
+        timeout=10,
+    )
+    assert odd.status_code == 422 and "unknown field" in odd.json()["error"]["message"]
+    for field in ("tenant", "follow"):
+        sneaky = requests.post(
+            gateway.url + "/v1/jobs", json={"prompt": "x", field: "t"}, timeout=10
+        )
+        assert sneaky.status_code == 422
+        assert sneaky.json()["error"]["message"] == f"{field}: unknown field"

@@ -166,11 +166,15 @@ def parse_stream(chunks: Iterable[bytes], dialect: Dialect) -> Iterator[Delta]:
         payloads = _lines(chunks)
     else:
         payloads = (event.data for event in sseclient.SSEClient(iter(chunks)).events())
-    for data in payloads:
-        delta = dialect.parse(data)
-        if delta is DONE:
-            return
-        yield delta
+    try:
+        for data in payloads:
+            delta = dialect.parse(data)
+            if delta is DONE:
+                return
+            yield delta
+    except UnicodeDecodeError:
+        # sseclient-py decodes each event as strict UTF-8.
+        raise UpstreamProtocolError("the upstream sent an event that is not valid UTF-8") from None
     if dialect.needs_done:
         raise UpstreamDisconnected("the upstream closed the stream before it finished")
 

@@ -96,6 +96,8 @@ class Gateway:
             data = json.loads(raw)
         except ValueError as exc:
             raise HTTPError(400, f"malformed JSON body: {exc}") from None
+        except RecursionError:
+            raise HTTPError(400, "malformed JSON body: nested too deeply") from None
         if not isinstance(data, dict):
             raise HTTPError(400, "the request body must be a JSON object")
         return data
@@ -142,7 +144,7 @@ class Gateway:
         body = await self.body(request)
         try:
             job_request, stream = translate(body)
-            job = await self.client.submit(follow=True, tenant=tenant, **job_request)
+            job = await self.client.submit_request(job_request, follow=True, tenant=tenant)
         except InvalidJob as exc:
             raise invalid(exc) from None
         model = str(job_request.get("model") or self.settings.default_model)
@@ -208,7 +210,7 @@ class Gateway:
         body = await self.body(request)
         job_id = body.pop("job_id", None)
         try:
-            job = await self.client.submit(job_id=job_id, tenant=tenant, **body)
+            job = await self.client.submit_request(body, job_id=job_id, tenant=tenant)
         except InvalidJob as exc:
             raise invalid(exc, 422) from None
         state = await self.client.status(job.id)

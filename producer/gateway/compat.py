@@ -92,7 +92,10 @@ def include_usage(body: Mapping[str, Any]) -> bool:
 
 
 def _dumps(obj: object) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    # backslashreplace writes a lone surrogate as its JSON escape instead of failing.
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode(
+        "utf-8", "backslashreplace"
+    )
 
 
 @dataclass
@@ -275,6 +278,9 @@ def error_body(
     request_id: str | None = None,
 ) -> dict[str, Any]:
     """The error object both APIs use: ``{"error": {"message", "type", "param", "code"}}``."""
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    if param is not None:
+        param = param.encode("utf-8", "backslashreplace").decode("utf-8")
     error: dict[str, Any] = {"message": message, "type": kind, "param": param, "code": code}
     if request_id is not None:
         error["request_id"] = request_id
