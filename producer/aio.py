@@ -26,8 +26,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer import scripts
-from producer.client import cancelled_prefix, create_args, override_settings, prepare
-from producer.connection import async_redis, is_cluster, publish_command
+from producer.client import cancel_call, create_args, override_settings, prepare
+from producer.connection import async_redis, is_cluster
 from producer.enqueue import Enqueuer
 from producer.protocol import Event, EventType, Keys, encode_cancel, validate_job_id
 from producer.reading import (
@@ -329,16 +329,8 @@ class AsyncClient:
 
     async def cancel(self, job_id: str) -> JobState:
         validate_job_id(job_id)
-        status = await self._cancel(
-            keys=[self.keys.state(job_id), self.keys.log(job_id), self.keys.channel(job_id)],
-            args=[
-                publish_command(self.settings.redis_url),
-                self.settings.job_ttl,
-                int(time.time() * 1000),
-                job_id,
-                cancelled_prefix(job_id),
-            ],
-        )
+        keys, args = cancel_call(self.settings, self.keys, job_id)
+        status = await self._cancel(keys=keys, args=args)
         if status is None:
             raise JobNotFound(job_id)
         if status == b"running":

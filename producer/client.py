@@ -93,6 +93,17 @@ def cancelled_prefix(job_id: str) -> str:
     return f'{{"v":{VERSION},"job":"{job_id}","seq":'
 
 
+def cancel_call(settings: Settings, keys: Keys, job_id: str) -> tuple[list[str], list[Any]]:
+    """Keys and arguments of the CANCEL script for one job."""
+    return [keys.state(job_id), keys.log(job_id), keys.channel(job_id)], [
+        publish_command(settings.redis_url),
+        settings.job_ttl,
+        int(time.time() * 1000),
+        job_id,
+        cancelled_prefix(job_id),
+    ]
+
+
 class Client:
     """A blocking client. Safe to share between threads; cooperative under gevent."""
 
@@ -201,16 +212,8 @@ class Client:
     def cancel(self, job_id: str) -> JobState:
         """Cancel a job: a queued one ends at once, a running one within 250 ms."""
         validate_job_id(job_id)
-        status = self._cancel(
-            keys=[self.keys.state(job_id), self.keys.log(job_id), self.keys.channel(job_id)],
-            args=[
-                publish_command(self.settings.redis_url),
-                self.settings.job_ttl,
-                int(time.time() * 1000),
-                job_id,
-                cancelled_prefix(job_id),
-            ],
-        )
+        keys, args = cancel_call(self.settings, self.keys, job_id)
+        status = self._cancel(keys=keys, args=args)
         if status is None:
             raise JobNotFound(job_id)
         if status == b"running":
