@@ -426,7 +426,9 @@ def test_a_reader_cut_off_as_a_slow_consumer_recovers_from_the_log(
     tokens = 40_000
     try:
         prompt = marker("slowpoke")
-        job = fclient.submit(prompt=prompt, model="mock?delay_ms=0", max_tokens=tokens, follow=True)
+        job = fclient.submit(
+            prompt=prompt, model="mock?delay_ms=0&burst=50", max_tokens=tokens, follow=True
+        )
         # A reader with a small socket buffer that stops reading for a while: Redis's output
         # buffer for it fills and Redis disconnects it.
         pubsub = job.subscription._pubsub
