@@ -12,6 +12,8 @@ from producer import logs
 from producer.protocol import Keys
 from producer.settings import Settings
 
+BROKER_CONNECTIONS = 1024
+
 settings = Settings.from_env()
 logs.configure(settings.log_format)
 
@@ -28,7 +30,13 @@ app.conf.update(
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
     # Longer than any job may run, so the broker never hands a running job to a second worker.
-    broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+    # kombu's Redis transport allows 10 connections by default; under gevent hundreds of
+    # running tasks acknowledge at once, and running out of connections made Celery drop its
+    # consumer and cancel the running tasks.
+    broker_transport_options={
+        "visibility_timeout": settings.visibility_timeout,
+        "max_connections": BROKER_CONNECTIONS,
+    },
     worker_cancel_long_running_tasks_on_connection_loss=True,
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,

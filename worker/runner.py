@@ -37,6 +37,11 @@ log = logging.getLogger("tokenrelay.worker")
 def run_job(runtime: Runtime, job_id: str, spec_data: Mapping[str, Any] | None) -> str:
     """Run one delivery of a job; return how it ended (for logs and tests)."""
     settings, keys = runtime.settings, runtime.keys
+    if runtime.stopping:
+        # This worker is shutting down: a job it receives now belongs to another worker.
+        runtime.requeue(job_id)
+        log.info("job %s: not run, this worker is stopping; re-enqueued", job_id)
+        return "requeued"
     owner = runtime.new_owner()
     # Registered before the claim, so a reaper sees the job even if this worker dies right after.
     runtime.redis.zadd(keys.running, {job_id: now_ms()})
@@ -114,7 +119,9 @@ def _run_claimed(
     try:
         if attempt > 1:
             metrics.RESTARTS.inc()
-            publisher.event(EventType.RESTART, attempt=attempt)
+            if publisher.next_seq > 0:
+                # Readers drop what they have of the earlier attempt (if it published anything).
+                publisher.event(EventType.RESTART, attempt=attempt)
         spec = _spec(runtime, active.job_id, spec_data)
         active.model = spec.model
         active.deadline = time.monotonic() + (spec.deadline or runtime.settings.job_deadline)

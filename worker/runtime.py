@@ -100,6 +100,7 @@ class Runtime:
         self.lease_ms = int(settings.lease_seconds * 1000)
         self.jobs: dict[str, ActiveJob] = {}
         self.pool, self.concurrency = "unknown", 0
+        self._handing_back = False
         self.started_at = time.time()
         self._stopping = threading.Event()
         self._threads = [
@@ -260,8 +261,14 @@ class Runtime:
 
         app.send_task(TASK_NAME, kwargs={"job_id": job_id}, queue=self.keys.queue)
 
+    @property
+    def stopping(self) -> bool:
+        """True once the shutdown grace has run out: new deliveries are sent back."""
+        return self._handing_back
+
     def hand_back_all(self) -> None:
         """Shutdown grace is over: interrupt every running job so it is handed back."""
+        self._handing_back = True
         if self.jobs:
             log.warning("shutdown grace over: handing back %d running jobs", len(self.jobs))
         self.interrupt_all("shutdown")

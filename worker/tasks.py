@@ -41,9 +41,24 @@ def _hand_back_after_grace(**_: Any) -> None:
         return
     grace = runtime.settings.shutdown_grace
     log.warning("shutting down: running streams get %.0f s to finish", grace)
+    # This runs inside a signal handler; under gevent that is the event loop, where starting a
+    # thread would block: schedule a greenlet instead.
+    if _gevent_patched():
+        import gevent
+
+        gevent.spawn_later(grace, runtime.hand_back_all)
+        return
     timer = threading.Timer(grace, runtime.hand_back_all)
     timer.daemon = True
     timer.start()
+
+
+def _gevent_patched() -> bool:
+    try:
+        from gevent import monkey
+    except ImportError:
+        return False
+    return bool(monkey.is_module_patched("threading"))
 
 
 @worker_ready.connect  # type: ignore[untyped-decorator]
