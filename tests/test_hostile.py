@@ -1047,12 +1047,12 @@ def test_raw_celery_jobs_with_hostile_ids_touch_no_key(
 
 
 #: Everything the test session puts in its Redis. Each fleet or idle client has a prefix ``P``
-#: (``trmain``, ``trdown``, ``trnobody``, ``trqueued``): job keys ``P:job:{J}`` (``:log``,
+#: (``trmain``, ``trdown``, ``trops``, ... : the test suites' prefixes all start with ``tr``,
+#: and other suites may have run first in the same session): job keys ``P:job:{J}`` (``:log``,
 #: ``:state``, ``:lease``), ``P:running``, worker heartbeats ``P:worker:W`` and the queue
 #: ``P.jobs``. Kombu adds its exchange bindings and, while messages are in flight, the unacked
 #: hash with its index and mutex.
-SESSION_PREFIXES = ("trmain", "trdown", "trnobody", "trqueued")
-_P = "(?:" + "|".join(SESSION_PREFIXES) + ")"
+_P = r"tr[a-z0-9_-]*"
 ALLOWED_KEYS = [
     re.compile(_P + r":job:\{(?P<id>[^{}]*)\}(?::log|:state|:lease)?"),
     re.compile(_P + r"(?::running|\.jobs|:worker:[^{}*?\s]+)"),
