@@ -49,14 +49,29 @@ def _plain(url: str) -> str:
     return f"{_CLUSTER_SCHEMES[scheme]}://{rest}"
 
 
-def sync_redis(url: str, *, max_connections: int | None = None) -> Any:
+#: redis-py's own default pool raises MaxConnectionsError past 100 connections at once.
+DEFAULT_MAX_CONNECTIONS: Final = 10_000
+
+
+def sync_redis(url: str, *, max_connections: int | None = None, blocking: bool = False) -> Any:
     """A blocking client (cooperative under gevent) for ``url``: ``redis.Redis`` or, for a
-    ``redis+cluster://`` URL, ``redis.cluster.RedisCluster``."""
+    ``redis+cluster://`` URL, ``redis.cluster.RedisCluster``.
+
+    With ``blocking`` the pool holds at most ``max_connections`` and a command waits for a free
+    one (a worker's hundreds of streams share a few connections); otherwise the pool grows to
+    ``max_connections`` (default 10,000: one per open subscription) and fails beyond it.
+    """
     if is_cluster(url):
         from redis.cluster import RedisCluster
 
-        return RedisCluster.from_url(_plain(url), socket_keepalive=True)
-    return redis.Redis.from_url(url, **_options(max_connections))
+        return RedisCluster.from_url(
+            _plain(url), socket_keepalive=True, max_connections=max_connections or 1000
+        )
+    options = _options(max_connections or DEFAULT_MAX_CONNECTIONS)
+    if blocking:
+        pool = redis.BlockingConnectionPool.from_url(url, timeout=30, **options)
+        return redis.Redis(connection_pool=pool, retry=options["retry"])
+    return redis.Redis.from_url(url, **options)
 
 
 def async_redis(

@@ -44,6 +44,7 @@ def _version() -> str:
 _VERSION: Final = _version()
 
 TICK: Final = 0.1
+REDIS_CONNECTIONS: Final = 128  # per worker process, for all its streams
 REAP_EVERY: Final = 1.0  # seconds between looks for jobs whose worker died
 REAP_BATCH: Final = 1000
 
@@ -86,7 +87,10 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.keys = Keys(settings.prefix)
-        self.redis: redis.Redis = sync_redis(settings.redis_url)
+        # Hundreds of streams share a bounded pool: a flush waits for a free connection.
+        self.redis: redis.Redis = sync_redis(
+            settings.redis_url, max_connections=REDIS_CONNECTIONS, blocking=True
+        )
         self.sharded = is_cluster(settings.redis_url)
         self.publish_command = publish_command(settings.redis_url)
         self.scripts = Scripts(self.redis)

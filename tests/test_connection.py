@@ -1,0 +1,52 @@
+"""Connection pools against a real Redis: a worker's streams share a bounded pool and wait for a
+free connection instead of failing, however many run at once."""
+
+from __future__ import annotations
+
+import threading
+
+import redis
+
+from producer.connection import sync_redis
+from producer.devservers import RedisServer
+
+
+def test_a_blocking_pool_makes_commands_wait_for_a_connection(redis_server: RedisServer) -> None:
+    client = sync_redis(redis_server.url, max_connections=2, blocking=True)
+    errors: list[BaseException] = []
+    done: list[object] = []
+
+    def slow_command() -> None:
+        try:
+            done.append(client.blpop(["tokenrelay-test-nothing"], timeout=0.2))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=slow_command) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    client.close()
+    assert errors == [] and len(done) == 12
+    assert client.connection_pool.max_connections == 2
+
+
+def test_redis_pys_default_pool_would_have_failed(redis_server: RedisServer) -> None:
+    """The failure the blocking pool prevents: a plain pool past its limit raises."""
+    client = redis.Redis.from_url(redis_server.url, max_connections=2)
+    errors: list[BaseException] = []
+
+    def slow_command() -> None:
+        try:
+            client.blpop(["tokenrelay-test-nothing"], timeout=0.2)
+        except redis.exceptions.ConnectionError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=slow_command) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    client.close()
+    assert errors and "Too many connections" in str(errors[0])
