@@ -1,0 +1,1 @@
+"""Operations: the benchmark (``ops.bench``), dashboards and deployment files."""

@@ -1,0 +1,238 @@
+"""The gateway's fan-out: many SSE readers of a few live jobs, through one gateway process.
+
+The jobs are created first and enqueued only once every reader is connected, so every token a
+reader gets is live (stamped by the upstream, read off the reader's socket). The readers are a
+minimal asyncio HTTP/1.1 client (chunked SSE), so that a thousand of them cost this process
+little next to the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+
+from ops.bench.fleet import BenchFleet
+from ops.bench.procstat import CpuMeter, RssSampler, rss_kib
+from ops.bench.readers import PROMPT, JobCheck, Tally, model_for
+from ops.bench.stats import Summary
+from producer import scripts
+from producer.client import create_args, prepare
+from producer.enqueue import Enqueuer
+from producer.protocol import EventType
+
+GATEWAY_CLIENT_NAME = "tokenrelay-gateway"
+CONNECT_LIMIT_S = 60.0
+
+
+@dataclass(frozen=True)
+class FanoutSpec:
+    readers: int
+    jobs: int
+    delay_ms: float
+    tokens: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.readers} SSE readers of {self.jobs} jobs x {self.delay_ms:g} ms"
+
+    @property
+    def ideal(self) -> float:
+        """Frames/s the readers get if every job streams at the upstream's pace."""
+        return self.readers * 1000 / self.delay_ms
+
+    @property
+    def timeout(self) -> float:
+        return self.tokens * self.delay_ms / 1000 * 3 + 60
+
+
+@dataclass
+class FanoutResult:
+    spec: FanoutSpec
+    connected: int
+    frames: int  # token frames received by all readers together
+    rate: float | None  # of them per second
+    latency: Summary  # ms, upstream stamp to a reader's socket read
+    problems: int
+    failures: list[str]
+    redis_connections_max: int  # the gateway's, named tokenrelay-gateway, sampled
+    gateway_cpu: float  # share of one core while the jobs streamed
+    gateway_rss_kib: int  # peak
+    gateway_rss_idle_kib: int
+    cpu_ms_per_1k: dict[str, float]
+
+
+async def _open(host: str, port: int, job_id: str) -> tuple[asyncio.StreamReader, Any]:
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        f"GET /v1/jobs/{job_id}/events HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        "Accept: text/event-stream\r\n\r\n".encode()
+    )
+    status = await reader.readline()
+    if b" 200 " not in status:
+        writer.close()
+        raise RuntimeError(f"gateway answered {status.decode(errors='replace').strip()!r}")
+    while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+        pass
+    return reader, writer
+
+
+async def _consume(reader: asyncio.StreamReader, tally: Tally, check: JobCheck) -> str:
+    """Read chunked SSE to its end; return the terminal event's type."""
+    ending, buffer = "no terminal event", b""
+    while True:
+        size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
+        if size == 0:
+            return ending
+        data = await reader.readexactly(size + 2)
+        now = time.time_ns()
+        buffer += data[:-2]
+        *frames, buffer = buffer.split(b"\n\n")
+        for frame in frames:
+            for line in frame.split(b"\n"):
+                if not line.startswith(b"data: "):
+                    continue
+                event = json.loads(line[6:])
+                if event.get("type") == EventType.TOKEN:
+                    tally.token(check, str(event.get("text", "")), now)
+                elif event.get("type") in ("done", "error", "cancelled"):
+                    ending = str(event["type"])
+
+
+async def _reader(
+    host: str,
+    port: int,
+    job_id: str,
+    spec: FanoutSpec,
+    tally: Tally,
+    connected: list[int],
+) -> None:
+    check = JobCheck(spec.tokens)
+    ending = "could not connect"
+    writer = None
+    try:
+        async with asyncio.timeout(spec.timeout + CONNECT_LIMIT_S):
+            reader, writer = await _open(host, port, job_id)
+            connected.append(1)
+            ending = await _consume(reader, tally, check)
+    except (TimeoutError, OSError, RuntimeError, ValueError, asyncio.IncompleteReadError) as exc:
+        ending = f"{ending}: {type(exc).__name__} {exc}"[:200]
+    finally:
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    tally.end_job(job_id, check, ending)
+
+
+def _gateway_connections(client: redis.Redis) -> int:
+    return sum(1 for c in client.client_list() if c.get("name") == GATEWAY_CLIENT_NAME)
+
+
+async def _watch_connections(client: redis.Redis, peak: list[int], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        peak.append(await asyncio.to_thread(_gateway_connections, client))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.25)
+
+
+@dataclass
+class _Run:
+    tally: Tally
+    connected: int
+    rate: float | None
+    cpu_s: dict[str, float]
+    elapsed: float
+    peak_connections: int
+
+
+async def _fan_out(
+    fleet: BenchFleet,
+    spec: FanoutSpec,
+    jobs: list[tuple[str, Any]],
+    client: redis.Redis,
+    enqueuer: Enqueuer,
+) -> _Run:
+    parts = urlsplit(fleet.gateway_url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    tally, peak = Tally(), [0]
+    connected: list[int] = []
+    stop = asyncio.Event()
+    watcher = asyncio.ensure_future(_watch_connections(client, peak, stop))
+    tasks = [
+        asyncio.ensure_future(_reader(host, port, jobs[i % spec.jobs][0], spec, tally, connected))
+        for i in range(spec.readers)
+    ]
+    deadline = time.monotonic() + CONNECT_LIMIT_S
+    while len(connected) < spec.readers and time.monotonic() < deadline:
+        if all(task.done() for task in tasks):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)  # let the gateway's subscriptions settle
+    meter = CpuMeter(fleet.pids())
+    started = time.time_ns()
+    for job_id, job_spec in jobs:
+        await asyncio.to_thread(enqueuer.send, job_id, job_spec)
+    _, pending = await asyncio.wait(tasks, timeout=spec.timeout + CONNECT_LIMIT_S)
+    tally.failed += len(pending)
+    for task in pending:
+        task.cancel()
+    for task in pending:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    used = meter.used()
+    elapsed = (time.time_ns() - started) / 1e9
+    stop.set()
+    await watcher
+    rate = None
+    if tally.spans:
+        rate = tally.rate_between(started, max(span[1] for span in tally.spans))
+    return _Run(tally, len(connected), rate, used, elapsed, max(peak))
+
+
+def run_fanout(
+    fleet: BenchFleet, spec: FanoutSpec, concurrency: int, profile_to: Path | None = None
+) -> FanoutResult:
+    """Start a fresh worker and the gateway, connect the readers, then start the jobs."""
+    fleet.start_worker(concurrency)
+    fleet.start_gateway(profile_to)
+    assert fleet.gateway is not None
+    gateway_pid = fleet.gateway.pid
+    settings = fleet.settings
+    client = fleet.redis()
+    enqueuer = Enqueuer(settings)
+    try:
+        create = client.register_script(scripts.CREATE)
+        request = {"prompt": PROMPT, "model": model_for(spec.delay_ms), "max_tokens": spec.tokens}
+        jobs: list[tuple[str, Any]] = [prepare(settings, request, None) for _ in range(spec.jobs)]
+        for job_id, job_spec in jobs:
+            create(keys=[fleet.keys.state(job_id)], args=create_args(settings, job_spec, None))
+        idle = rss_kib(gateway_pid)
+        with RssSampler(gateway_pid) as rss:
+            run = asyncio.run(_fan_out(fleet, spec, jobs, client, enqueuer))
+    finally:
+        enqueuer.close()
+        client.close()
+        fleet.stop_gateway()
+    tokens = run.tally.tokens
+    return FanoutResult(
+        spec=spec,
+        connected=run.connected,
+        frames=tokens,
+        rate=run.rate,
+        latency=Summary.of(run.tally.latency_ms),
+        problems=run.tally.problems,
+        failures=run.tally.failures,
+        redis_connections_max=run.peak_connections,
+        gateway_cpu=run.cpu_s.get("gateway", 0.0) / run.elapsed,
+        gateway_rss_kib=rss.peak,
+        gateway_rss_idle_kib=idle,
+        cpu_ms_per_1k={name: s * 1e6 / tokens for name, s in run.cpu_s.items() if tokens},
+    )

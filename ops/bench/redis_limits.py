@@ -1,0 +1,243 @@
+"""Redis's limits, measured on a private redis-server: its own ``redis-benchmark`` PUBLISH rate,
+redis-py's pipelined PUBLISH rate, and what the log costs: the worker's real PUBLISH script
+(XADD + PUBLISH per event) against PUBLISH alone, at the same batch sizes."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import redis
+
+from producer import scripts
+from producer.protocol import Keys, encode_token
+
+PAYLOAD_TEXT: Final = "|123:1700000000000000000"  # a stamped token's text, as in the scenarios
+TOKENS_PER_JOB: Final = 200
+_XADD_LINE: Final = "    redis.call('XADD', KEYS[2], '0-' .. (seq + 1), 'e', ARGV[i + 1])\n"
+PUBLISH_ONLY_SCRIPT: Final = scripts.PUBLISH.replace(_XADD_LINE, "")
+
+
+def _resp(*parts: str) -> bytes:
+    out = [f"*{len(parts)}\r\n".encode()]
+    for part in parts:
+        data = part.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class Subscriber:
+    """A raw connection subscribed to some channels, drained on a thread: the reader the
+    channels have in the real system, at almost no CPU cost of its own."""
+
+    def __init__(self, port: int, channels: Sequence[str]) -> None:
+        self.received = 0  # bytes
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        for start in range(0, len(channels), 500):
+            self.sock.sendall(_resp("SUBSCRIBE", *channels[start : start + 500]))
+        self._thread = threading.Thread(target=self._drain, name="bench-drain", daemon=True)
+        self._thread.start()
+        self._wait_confirmed(port, channels[-1])
+
+    @staticmethod
+    def _wait_confirmed(port: int, channel: str) -> None:
+        client = redis.Redis(port=port, socket_timeout=10)
+        try:
+            deadline = time.monotonic() + 10
+            while client.pubsub_numsub(channel)[0][1] < 1:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"subscription to {channel} not confirmed")
+                time.sleep(0.01)
+        finally:
+            client.close()
+
+    def _drain(self) -> None:
+        with contextlib.suppress(OSError):
+            while data := self.sock.recv(1 << 20):
+                self.received += len(data)
+
+    def wait_for(self, count: int, limit: float = 10.0) -> bool:
+        """Wait until at least ``count`` bytes arrived; False if they did not in time."""
+        deadline = time.monotonic() + limit
+        while self.received < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.received >= count
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self._thread.join(5)
+        self.sock.close()
+
+
+def unlimited_pubsub_buffers(port: int) -> None:
+    """Let a subscriber fall behind without being disconnected (the default cuts it off past
+    32 MB): the limits measure Redis, not how fast this process drains."""
+    client = redis.Redis(port=port, socket_timeout=10)
+    try:
+        client.config_set("client-output-buffer-limit", "pubsub 0 0 0")
+    finally:
+        client.close()
+
+
+def redis_benchmark_publish(
+    port: int, *, pipeline: int, requests: int, clients: int = 50, subscribed: bool = False
+) -> float | None:
+    """``redis-benchmark``'s PUBLISH rate (messages/s) with a ~100-byte payload; ``None`` if
+    the tool is missing, or if the subscriber did not get every message (Redis would have cut
+    it off, see ``unlimited_pubsub_buffers``)."""
+    tool = shutil.which("redis-benchmark")
+    if tool is None:
+        return None
+    # As long as a token event; without quotes, which redis-benchmark's CSV does not escape.
+    payload = "x" * len(encode_token("0" * 32, 123, PAYLOAD_TEXT))
+    subscriber = Subscriber(port, ["bench-ch"]) if subscribed else None
+    try:
+        args = [tool, "-p", str(port), "-c", str(clients), "-n", str(requests)]
+        args += ["-P", str(pipeline), "--csv", "PUBLISH", "bench-ch", payload]
+        out = subprocess.run(args, capture_output=True, text=True, timeout=120, check=True)
+        if subscriber is not None and not subscriber.wait_for(requests * len(payload)):
+            return None
+    finally:
+        if subscriber is not None:
+            subscriber.close()
+    rows = list(csv.reader(out.stdout.splitlines()))
+    if len(rows) < 2 or "rps" not in rows[0]:
+        return None
+    return float(rows[1][rows[0].index("rps")])
+
+
+def pipelined_publish(client: redis.Redis, *, batch: int, total: int) -> float:
+    """redis-py, one connection: PUBLISH in pipelines of ``batch``; messages/s."""
+    payload = encode_token("0" * 32, 123, PAYLOAD_TEXT)
+    began = time.perf_counter()
+    for _ in range(max(1, total // batch)):
+        pipe = client.pipeline(transaction=False)
+        for _ in range(batch):
+            pipe.publish("bench-ch", payload)
+        pipe.execute()
+    return (total // batch) * batch / (time.perf_counter() - began)
+
+
+@dataclass(frozen=True)
+class LogCost:
+    """One way of publishing tokens, at one batch size (tokens per round trip)."""
+
+    method: str  # publish | lua-publish | lua-xadd-publish
+    batch: int
+    client_rate: float  # tokens/s one redis-py connection achieves
+    server_us_per_token: float  # Redis CPU per token (INFO used_cpu: I/O included)
+    command_us_per_token: float  # Redis's time in the commands themselves (INFO commandstats)
+
+    @property
+    def server_capacity(self) -> float:
+        """Tokens/s one Redis core could take at this cost."""
+        return 1e6 / self.server_us_per_token if self.server_us_per_token > 0 else float("inf")
+
+
+def _redis_cpu(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+class _Jobs:
+    """Fresh jobs, each owned by ``owner`` with nothing published, as the script expects."""
+
+    def __init__(self, client: redis.Redis, prefix: str, count: int) -> None:
+        self.keys = Keys(prefix)
+        self.ids = [f"j{index}" for index in range(count)]
+        pipe = client.pipeline(transaction=False)
+        for job_id in self.ids:
+            pipe.hset(self.keys.state(job_id), mapping={"owner": "bench", "seq": -1})
+        pipe.execute()
+
+    def channels(self) -> list[str]:
+        return [self.keys.channel(job_id) for job_id in self.ids]
+
+
+def _publish_tokens(client: redis.Redis, jobs: _Jobs, method: str, batch: int) -> Callable[[], int]:
+    """A function that publishes every job's tokens ``batch`` per round trip; returns tokens."""
+    lua = client.register_script(
+        scripts.PUBLISH if method == "lua-xadd-publish" else PUBLISH_ONLY_SCRIPT
+    )
+
+    def run() -> int:
+        sent = 0
+        for job_id in jobs.ids:
+            keys = list(jobs.keys.job_keys(job_id))
+            for start in range(0, TOKENS_PER_JOB, batch):
+                seqs = range(start, min(start + batch, TOKENS_PER_JOB))
+                payloads = [(seq, encode_token(job_id, seq, PAYLOAD_TEXT)) for seq in seqs]
+                if method == "publish":
+                    pipe = client.pipeline(transaction=False)
+                    for _, payload in payloads:
+                        pipe.publish(keys[2], payload)
+                    pipe.execute()
+                else:
+                    args: list[Any] = ["bench", 10_000, "PUBLISH", 600, len(payloads), 0]
+                    for seq, payload in payloads:
+                        args += (seq, payload)
+                    lua(keys=keys, args=args)
+                sent += len(payloads)
+        return sent
+
+    return run
+
+
+ROUNDS: Final = 4
+_COMMAND: Final = {"publish": "cmdstat_publish"}
+
+
+def _command_usec(client: redis.Redis, method: str) -> float:
+    """Redis's own time executing the method's commands (INFO commandstats), in µs."""
+    stats = client.info("commandstats")
+    entry = stats.get(_COMMAND.get(method, "cmdstat_evalsha"), {})
+    return float(entry.get("usec", 0)) if isinstance(entry, dict) else 0.0
+
+
+def log_costs(
+    port: int, batches: Sequence[int], tokens: int, methods: Sequence[str]
+) -> list[LogCost]:
+    """Each method at each batch size, over ``tokens`` tokens (ten times as many for batches of
+    10 and more) in 200-token jobs, with one subscriber on every job channel, as in real use.
+    The methods take turns in ``ROUNDS`` rounds, so a noisy moment does not hit one alone."""
+    client = redis.Redis(port=port, socket_timeout=30)
+    results = []
+    try:
+        for batch in batches:
+            # Bigger batches are cheaper per token: more tokens keep the timing precise.
+            jobs_per_round = max(1, tokens * min(batch, 10) // TOKENS_PER_JOB // ROUNDS)
+            sums = {method: [0.0, 0.0, 0.0, 0.0] for method in methods}
+            for round_ in range(ROUNDS):
+                for index, method in enumerate(methods):
+                    jobs = _Jobs(client, f"lc{index}b{batch}r{round_}", jobs_per_round)
+                    subscriber = Subscriber(port, jobs.channels())
+                    try:
+                        run = _publish_tokens(client, jobs, method, batch)
+                        client.config_resetstat()
+                        cpu = _redis_cpu(client)
+                        began = time.perf_counter()
+                        sent = run()
+                        elapsed = time.perf_counter() - began
+                        used = _redis_cpu(client) - cpu
+                        usec = _command_usec(client, method)
+                    finally:
+                        subscriber.close()
+                    for i, value in enumerate((sent, elapsed, used, usec)):
+                        sums[method][i] += value
+                    client.flushdb()
+            for method, (total, seconds, cpu_s, command_us) in sums.items():
+                results.append(
+                    LogCost(method, batch, total / seconds, cpu_s / total * 1e6, command_us / total)
+                )
+    finally:
+        client.close()
+    return results

@@ -1,0 +1,51 @@
+"""The bench's smoke run (``python -m ops.bench --quick``): through the real processes (its own
+redis-server, mock upstream, worker and gateway), every token of every job arrives once and in
+order, and the report has its columns. Speed is not checked here: ``make bench`` measures it."""
+
+from __future__ import annotations
+
+import pytest
+
+from ops.bench import BenchConfig, run_bench
+from ops.bench.report import LIVE_COLUMNS, render
+
+pytestmark = pytest.mark.slow
+
+
+def _header_cells(text: str, first: str) -> list[str]:
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if cells and cells[0] == first:
+            return cells
+    raise AssertionError(f"no table starting with a {first!r} column in:\n{text}")
+
+
+def test_the_smoke_run_loses_nothing_and_prints_the_table() -> None:
+    config = BenchConfig.quick()
+    results = run_bench(config)
+
+    assert [r.load for r in results.live] == [s.load for s in config.live], results.skipped
+    for live in results.live:
+        counts = live.counts
+        label = live.load.label
+        assert counts.jobs == live.load.concurrency, label
+        assert counts.failures == [], label
+        problems = (counts.lost, counts.duplicated, counts.reordered, counts.failed)
+        assert problems == (0, 0, 0, 0), label
+        assert counts.restarts == 0, label
+        assert counts.foreign == 0, label
+        assert counts.tokens == counts.jobs * live.load.tokens, label
+        assert live.latency.count == counts.tokens, label
+        assert live.rate is not None and live.rate > 0, label
+    assert results.late and all(r.counts.clean for r in results.late)
+    for fanout in results.fanout:
+        assert fanout.connected == fanout.spec.readers
+        assert fanout.problems == 0, fanout.failures
+        assert fanout.frames == fanout.spec.readers * fanout.spec.tokens
+        assert 0 < fanout.redis_connections_max <= 9
+    assert results.clean
+
+    text = render(results)
+    assert _header_cells(text, "scenario")[: len(LIVE_COLUMNS)] == list(LIVE_COLUMNS)
+    assert _header_cells(text, "target") == ["target", "measured", "verdict"]
+    assert "## Machine" in text and "## Limits" in text
