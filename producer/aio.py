@@ -99,6 +99,7 @@ class Multiplexer:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._closed = False
+        self._wake = asyncio.Event()
         self.stats = {"overflows": 0, "reconnects": 0, "resubscribes": 0}
 
     @property
@@ -114,6 +115,7 @@ class Multiplexer:
             if first:
                 self._confirmed[channel] = asyncio.get_running_loop().create_future()
                 await self._send_subscribe([channel])
+                self._wake.set()
             confirmed = self._confirmed.get(channel)
         if confirmed is not None:
             try:
@@ -181,15 +183,18 @@ class Multiplexer:
     async def _pump(self) -> None:
         while True:
             pubsub = self._pubsub
-            if pubsub is None or not self._listeners:
-                await asyncio.sleep(0.05)
+            idle = pubsub is None or not self._listeners
+            if not idle and not self._sharded and not pubsub.subscribed:
+                idle = True
+            if idle:
+                # Nothing to read yet: wait for the next subscribe rather than polling.
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 1.0)
                 continue
             if self._sharded:
                 message = await pubsub.get_sharded_message(timeout=1.0)
             else:
-                if not pubsub.subscribed:
-                    await asyncio.sleep(0.05)
-                    continue
                 message = await pubsub.get_message(timeout=1.0)
             if message is None:
                 continue
