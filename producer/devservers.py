@@ -227,6 +227,17 @@ def mock_upstream(
     return process, url
 
 
+def wait_worker_ready(process: Process, timeout: float = 30.0, name: str = "worker") -> None:
+    """Wait until a Celery worker logs that it is ready; fail with its log if it exits first."""
+    deadline = time.monotonic() + timeout
+    while "ready." not in process.output():
+        if not process.alive():
+            raise RuntimeError(f"{name} exited:\n{process.output()[-4000:]}")
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{name} not ready after {timeout} s:\n{process.output()[-4000:]}")
+        time.sleep(0.1)
+
+
 def worker_args(concurrency: int = 50, pool: str = "gevent", name: str | None = None) -> list[str]:
     """The Celery command line of one tokenrelay worker."""
     args = [

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import secrets
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from producer.devservers import (
     mock_upstream,
     start_worker,
     wait_until,
+    wait_worker_ready,
 )
 from producer.settings import Settings
 
@@ -115,19 +115,8 @@ def _start_fleet(name: str, env: dict[str, str], run_dir: Path, concurrency: int
     process = start_worker(env, concurrency=concurrency, name=f"{name}@%h",
                            log_path=run_dir / f"worker-{name}.log")  # fmt: skip
     fleet = Fleet(name, env, process)
-    _wait_for_worker(fleet)
+    wait_worker_ready(process, name=f"worker {name}")
     return fleet
-
-
-def _wait_for_worker(fleet: Fleet, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not fleet.process.alive():
-            raise RuntimeError(f"worker {fleet.name} exited:\n{fleet.log()[-4000:]}")
-        if "ready." in fleet.log():
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"worker {fleet.name} not ready after {timeout} s:\n{fleet.log()[-4000:]}")
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from producer import AsyncClient, Client, EventType
-from producer.devservers import Process, RedisServer, free_port, start_worker
+from producer.devservers import Process, RedisServer, free_port, start_worker, wait_worker_ready
 from producer.mock_upstream import generate
 from producer.settings import Settings
 from tests.conftest import Fleet, marker
@@ -104,10 +104,7 @@ def cluster_fleet(run_dir: Path, fleet: Fleet) -> Iterator[tuple[Cluster, dict[s
         process = start_worker(
             env, concurrency=50, name="cluster@%h", log_path=run_dir / "worker-cluster.log"
         )
-        deadline = time.monotonic() + 30
-        while "ready." not in process.output():
-            assert process.alive() and time.monotonic() < deadline, process.output()[-3000:]
-            time.sleep(0.1)
+        wait_worker_ready(process)
         yield cluster, env
     finally:
         if process is not None:

@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from producer import Client, EventType, Status
-from producer.devservers import Process, RedisServer, start_worker
+from producer.devservers import Process, RedisServer, start_worker, wait_worker_ready
 from producer.mock_upstream import generate
 from producer.protocol import Event, Keys
 from producer.settings import Settings
@@ -71,11 +71,7 @@ class FaultFleet:
         process = start_worker(
             self.env, concurrency=20, name=f"fault{self.count}@%h", log_path=log_path
         )
-        deadline = time.monotonic() + 30
-        while "ready." not in process.output():
-            assert process.alive(), process.output()[-3000:]
-            assert time.monotonic() < deadline, "worker not ready"
-            time.sleep(0.1)
+        wait_worker_ready(process)
         self.workers.append(process)
         return process
 

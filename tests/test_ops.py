@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from producer import Client
-from producer.devservers import Process, RedisServer, free_port, start_worker
+from producer.devservers import Process, RedisServer, free_port, start_worker, wait_worker_ready
 from producer.mock_upstream import generate
 from tests.conftest import Fleet, Gateway, Mock, marker
 
@@ -63,10 +63,7 @@ def ops_worker(fleet: Fleet, run_dir: Path) -> Iterator[OpsWorker]:
         "TOKENRELAY_LOG_FORMAT": "json",
     }
     process = start_worker(env, concurrency=10, name="ops@%h", log_path=run_dir / "ops.log")
-    deadline = time.monotonic() + 30
-    while "ready." not in process.output():
-        assert process.alive() and time.monotonic() < deadline, process.output()[-2000:]
-        time.sleep(0.1)
+    wait_worker_ready(process)
     yield OpsWorker(env, process, port)
     process.stop()
 

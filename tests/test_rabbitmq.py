@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from producer import Client, EventType, Status
-from producer.devservers import RedisServer, start_worker
+from producer.devservers import RedisServer, start_worker, wait_worker_ready
 from producer.mock_upstream import generate
 from producer.protocol import Event, Keys
 from producer.settings import Settings
@@ -87,11 +87,7 @@ def rabbit(redis_server: RedisServer, mock: Mock, api_key: str, run_dir: Path) -
         env, concurrency=20, name="rabbit@%h", log_path=run_dir / "worker-rabbit.log"
     )
     try:
-        deadline = time.monotonic() + 30
-        while "ready." not in process.output():
-            assert process.alive(), f"the worker exited:\n{process.output()[-4000:]}"
-            assert time.monotonic() < deadline, f"worker not ready:\n{process.output()[-4000:]}"
-            time.sleep(0.1)
+        wait_worker_ready(process)
         yield Fleet("rabbit", env, process)
     finally:
         process.stop()

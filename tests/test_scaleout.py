@@ -44,7 +44,7 @@ from typing import Any
 import pytest
 
 from producer import Client, EventType, Status
-from producer.devservers import Process, RedisServer, free_port, worker_args
+from producer.devservers import Process, RedisServer, free_port, wait_worker_ready, worker_args
 from producer.mock_upstream import generate
 from producer.protocol import Event
 from producer.reading import events_from_log
@@ -54,7 +54,7 @@ from tests.test_pipeline import token_text
 pytestmark = pytest.mark.slow
 
 HOSTS = 3
-CUT = 2  # the host that is cut off (1-based)
+CUT = 2  # the host that is cut off (1-based), wait_worker_ready
 JOBS = 300
 TOKENS = 30
 MODEL = "mock?delay_ms=20"
@@ -275,12 +275,8 @@ class Cluster:
             time.sleep(0.1)
 
     def _wait_for_worker(self, host: Host, timeout: float = 40) -> None:
-        deadline = time.monotonic() + timeout
         assert host.worker is not None
-        while "ready." not in host.worker.output():
-            assert host.worker.alive(), f"worker {host.index} exited:\n{host.worker.output()}"
-            assert time.monotonic() < deadline, f"worker {host.index} not ready"
-            time.sleep(0.1)
+        wait_worker_ready(host.worker, timeout, name=f"worker {host.index}")
 
     def trouble(self) -> dict[str, int]:
         """Counts of the worker log lines that explain lost or restarted jobs."""

@@ -36,7 +36,7 @@ from producer.gateway.auth import Auth, Unauthorized
 from producer.gateway.openapi import OPENAPI
 from producer.gateway.sse import DONE_FRAME, EventStream, frame, with_keepalive
 from producer.protocol import Event, EventType, Keys, ProtocolError, encode, validate_job_id
-from producer.reading import JobNotFound, JobState
+from producer.reading import JobNotFound, JobState, Transcript
 from producer.settings import Settings
 from producer.spec import InvalidJob
 
@@ -178,7 +178,10 @@ class Gateway:
         return EventStream(frames, on_disconnect=leave if cancel_on_leave else None)
 
     def answer(self, form: compat.Format, events: list[Event]) -> Response:
-        text, tokens, _ = _reassemble(events)
+        transcript = Transcript()  # restart-aware, as every reader reassembles
+        for event in events:
+            transcript.add(event)
+        text, tokens = transcript.text, len(transcript.parts)
         end = events[-1]
         if end.type is not EventType.DONE:
             return Response(
@@ -325,18 +328,6 @@ async def _first_tokens(events: AsyncIterator[Event], *, everything: bool) -> li
 
 def _has_token(events: list[Event]) -> bool:
     return any(event.type is EventType.TOKEN for event in events)
-
-
-def _reassemble(events: list[Event]) -> tuple[str, int, int]:
-    parts: list[str] = []
-    restarts = 0
-    for event in events:
-        if event.type is EventType.TOKEN:
-            parts.append(event.text)
-        elif event.type is EventType.RESTART:
-            parts.clear()
-            restarts += 1
-    return "".join(parts), len(parts), restarts
 
 
 async def _aclose(events: AsyncIterator[Event]) -> None:
