@@ -308,8 +308,9 @@ def check_refusal(exc: InvalidJob, data: object) -> None:
     """A refusal names one field: a known one, ``job``, ``messages[i]...`` or the unknown key."""
     assert str(exc) == f"{exc.field}: {exc.problem}"
     assert exc.problem and len(str(exc)) <= 400, str(exc)[:500]
-    if exc.field in FIELDS or exc.field == "job" or MESSAGE_FIELD_RE.fullmatch(exc.field):
-        if exc.field == "job":
+    whole_job = exc.field == "job" and exc.problem != "unknown field"  # not a key named "job"
+    if exc.field in FIELDS or whole_job or MESSAGE_FIELD_RE.fullmatch(exc.field):
+        if whole_job:
             assert not isinstance(data, Mapping)
         return
     assert isinstance(data, Mapping)
