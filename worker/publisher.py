@@ -1,16 +1,19 @@
-"""Publishing one attempt of one job: events go to the log and the channel in one round trip.
+"""Publishing one attempt of one job: events go to the log and the channel in one script call.
 
-Events are buffered as they are produced and sent by ``flush``, which the runner calls before
-every blocking read of the upstream: everything that arrived in one network read goes out in one
-script call, and nothing waits for a batch to fill. The script only publishes while this attempt
-owns the job (fencing) and skips seqs already in the log, so a retried flush after a dropped
-Redis connection never duplicates an event.
+Events are buffered as they are produced and handed on by ``flush``, which the runner calls
+before every blocking read of the upstream, so everything that arrived in one network read goes
+out together and nothing waits for a batch to fill. On a single Redis the process's ``Flusher``
+sends them, pipelined with every other stream's (the stream goes on reading meanwhile); on a
+cluster, where jobs live on different shards, ``flush`` calls the script itself. The script only
+publishes while this attempt owns the job (fencing) and skips seqs already in the log, so a
+retried flush after a dropped Redis connection never duplicates an event.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -28,8 +31,12 @@ from producer.protocol import (
 )
 from worker import metrics
 from worker.errors import Fenced
+from worker.flusher import MAX_BUFFERED, Flusher, Outbox
 
 PUBLISH_COMMAND: Final = "PUBLISH"
+#: Seconds ``finish`` waits for Redis to confirm the terminal event (the client's retry policy
+#: gives up after about half a minute).
+CONFIRM_TIMEOUT: Final = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,16 +86,23 @@ class JobPublisher:
         lease_ms: int,
         ttl: int,
         publish_command: str = PUBLISH_COMMAND,
+        flusher: Flusher | None = None,
+        on_signal: Callable[[str], None] | None = None,
     ) -> None:
         self._script = scripts_.publish
         self._keys = list(keys.job_keys(job_id))
         self._head = [owner, lease_ms, publish_command, ttl]
+        self._box: Outbox | None = None
+        if flusher is not None:
+            self._box = flusher.outbox(self._keys, self._head)
+            self._box.on_signal = on_signal
+            self._box.on_confirmed = self._confirmed
         self.job_id = job_id
         self.next_seq = next_seq
         self.tokens = 0
         self._pending: list[Any] = []
         self._pending_tokens = 0
-        self.cancel_requested = False
+        self._cancel_requested = False
         self.finished = False
         self.started = time.monotonic()
         self._last_tokens_at: float | None = None
@@ -101,19 +115,54 @@ class JobPublisher:
         return None if first is None else first - self.started
 
     def token(self, text: str) -> None:
-        self._pending += (self.next_seq, encode_token(self.job_id, self.next_seq, text))
-        self.next_seq += 1
-        self._pending_tokens += 1
+        seq = self.next_seq
+        if self._box is not None:
+            self._box.events.append((seq, encode_token(self.job_id, seq, text), 1))
+        else:
+            self._pending += (seq, encode_token(self.job_id, seq, text))
+            self._pending_tokens += 1
+        self.next_seq = seq + 1
 
     def event(self, type_: EventType, **fields: Any) -> None:
-        event = make_event(self.job_id, self.next_seq, type_, **fields)
-        self._pending += (self.next_seq, encode(event))
-        self.next_seq += 1
+        seq = self.next_seq
+        payload = encode(make_event(self.job_id, seq, type_, **fields))
+        if self._box is not None:
+            self._box.events.append((seq, payload, 0))
+        else:
+            self._pending += (seq, payload)
+        self.next_seq = seq + 1
 
     def flush(self) -> None:
-        """Send what is buffered; raise ``Fenced`` if another attempt owns the job now."""
-        if self._pending and not self.finished:
-            self._call([0])
+        """Send what is buffered (or hand it to the flusher); raise ``Fenced`` if another
+        attempt owns the job now, or the Redis error that publishing it ended with."""
+        box = self._box
+        if box is None:
+            if self._pending and not self.finished:
+                self._call([0])
+            return
+        if box.error is not None:
+            self.finished = True
+            raise box.error
+        if box.events:
+            box.submit()
+            if len(box.events) > MAX_BUFFERED:  # Redis is slow or away: wait for it
+                box.wait_for(self.next_seq - 1, CONFIRM_TIMEOUT)
+
+    def sync(self) -> None:
+        """Flush and wait until Redis has everything published so far."""
+        if self._box is None:
+            self.flush()
+        elif not self.finished:
+            self._box.wait_for(self.next_seq - 1, CONFIRM_TIMEOUT)
+
+    @property
+    def cancel_requested(self) -> bool:
+        box = self._box
+        return self._cancel_requested or (box is not None and box.result == 1)
+
+    @cancel_requested.setter
+    def cancel_requested(self, value: bool) -> None:
+        self._cancel_requested = value
 
     def finish(self, type_: EventType, **fields: Any) -> None:
         """Publish the terminal event with everything still buffered, and close the job."""
@@ -130,9 +179,31 @@ class JobPublisher:
             value = fields.get(name) if name != StateField.ERROR else _error_of(fields)
             if value is not None:
                 final += (name, value if isinstance(value, str) else json.dumps(value))
-        self._call([len(final), *final])
+        box = self._box
+        if box is None:
+            self._call([len(final), *final])
+        else:
+            if box.error is not None:
+                self.finished = True
+                raise box.error
+            box.final = [str(v).encode() for v in final]
+            try:
+                box.wait_for(self.next_seq - 1, CONFIRM_TIMEOUT)
+            finally:
+                self.finished = True
         self.finished = True
         metrics.JOBS_FINISHED.labels(STATUS_OF_TERMINAL[type_]).inc()
+
+    def _confirmed(self, tokens: int, began: float) -> None:
+        """Redis confirmed a batch holding ``tokens`` tokens, sent at ``began``."""
+        if tokens:
+            if self._last_tokens_at is None:
+                self._first_tokens_at = began
+                metrics.TTFT.observe(began - self.started)
+            else:
+                metrics.GAP.observe(began - self._last_tokens_at)
+            self._last_tokens_at = began
+            self.tokens += tokens
 
     def _call(self, final: list[Any]) -> None:
         tokens = self._pending_tokens

@@ -57,6 +57,7 @@ def run_job(runtime: Runtime, job_id: str, spec_data: Mapping[str, Any] | None) 
             runtime.redis.zrem(keys.running, job_id)
         log.info("job %s: not run, %s", job_id, taken.outcome)
         return taken.outcome
+    active = ActiveJob(job_id, owner, deadline=time.monotonic() + settings.job_deadline)
     publisher = JobPublisher(
         runtime.scripts,
         keys,
@@ -66,8 +67,9 @@ def run_job(runtime: Runtime, job_id: str, spec_data: Mapping[str, Any] | None) 
         lease_ms=runtime.lease_ms,
         ttl=settings.job_ttl,
         publish_command=runtime.publish_command,
+        flusher=runtime.flusher,
+        on_signal=active.interrupt,
     )
-    active = ActiveJob(job_id, owner, deadline=time.monotonic() + settings.job_deadline)
     runtime.register(active)
     started = time.monotonic()
     log.info(
@@ -165,7 +167,7 @@ def _hand_back(runtime: Runtime, active: ActiveJob, publisher: JobPublisher) -> 
     """The worker is stopping: publish what was produced, release the job, queue it again."""
     keys = runtime.keys
     try:
-        publisher.flush()
+        publisher.sync()
     except Fenced:
         return "fenced"
     released = runtime.scripts.release(

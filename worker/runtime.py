@@ -28,6 +28,7 @@ from producer.connection import is_cluster, publish_command, sync_redis
 from producer.protocol import TASK_NAME, Keys, decode_control
 from producer.settings import Settings
 from worker import metrics
+from worker.flusher import Flusher
 from worker.publisher import Scripts
 from worker.upstream import UpstreamClient, UpstreamStream
 
@@ -94,6 +95,9 @@ class Runtime:
         self.sharded = is_cluster(settings.redis_url)
         self.publish_command = publish_command(settings.redis_url)
         self.scripts = Scripts(self.redis)
+        # On a single Redis every stream's events go out pipelined by one flusher; on a cluster
+        # the jobs live on different shards and each stream calls the script itself.
+        self.flusher = None if self.sharded else Flusher(self.redis)
         self.upstream = UpstreamClient(
             settings.upstream_url,
             settings.upstream_api_key,
@@ -171,6 +175,8 @@ class Runtime:
     def stop(self) -> None:
         """Stop the background threads and withdraw the heartbeat."""
         self._stopping.set()
+        if self.flusher is not None:
+            self.flusher.stop()
         with contextlib.suppress(redis.ConnectionError, redis.TimeoutError, OSError):
             self.redis.delete(self.keys.worker(self.worker_id))
 

@@ -3,7 +3,8 @@
 Two harnesses, each on the real code:
 
 * the worker's: ``worker.runner.run_job`` in this process (no Celery, no gevent) on a real
-  ``Runtime``, against the run's Redis and mock upstream, jobs one after another;
+  ``Runtime``, against the run's Redis and mock upstream, jobs one after another (the flusher,
+  a greenlet in a worker, is a thread here: its CPU and its profile are added in);
 * the reader's: the producer library (``AsyncClient``) following live jobs of the run's worker.
 
 The profiler's clock is this thread's CPU time, so waiting costs nothing and the figures are
@@ -19,6 +20,7 @@ import cProfile
 import logging
 import os
 import pstats
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,13 +31,13 @@ from typing import Any, Final
 from ops.bench.fanout import FanoutSpec, run_fanout
 from ops.bench.fleet import BenchFleet
 from ops.bench.readers import Load, Tally, drive, follow_one, model_for
-from ops.bench.upstream_limits import NullScript
 from producer import scripts
 from producer.aio import AsyncClient
 from producer.client import create_args
 from producer.protocol import Keys
 from producer.settings import Settings
 from producer.spec import JobSpec
+from worker.flusher import Flusher, Outbox
 from worker.runner import run_job
 from worker.runtime import Runtime
 
@@ -115,14 +117,17 @@ def _area(label: str) -> str:
 
 def _digest(
     name: str,
-    source: cProfile.Profile | Path,
+    source: cProfile.Profile | pstats.Stats | Path,
     tokens: int,
     plain_us: float,
     cpu: float,
     without_publish: float | None = None,
 ) -> Profile:
     stats: dict[tuple[str, int, str], tuple[int, int, float, float, Any]]
-    stats = pstats.Stats(source if isinstance(source, cProfile.Profile) else str(source)).stats  # type: ignore[attr-defined]
+    if isinstance(source, pstats.Stats):
+        stats = source.stats  # type: ignore[attr-defined]
+    else:
+        stats = pstats.Stats(source if isinstance(source, cProfile.Profile) else str(source)).stats  # type: ignore[attr-defined]
     per = 1e6 / max(tokens, 1)
     rows = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)
     hotspots = [
@@ -158,9 +163,22 @@ def _quiet(logger_name: str) -> Iterator[None]:
                     handler.setStream(stream)
 
 
-def _timed(profiler: cProfile.Profile | None, work: Callable[[], int]) -> tuple[int, float]:
-    """Run ``work``; return its token count and this thread's CPU seconds."""
-    began = time.thread_time()
+def _thread_cpu(threads: list[threading.Thread]) -> float:
+    """CPU seconds of this thread and of ``threads`` (the worker's flusher) so far."""
+    spent = time.thread_time()
+    for thread in threads:
+        if thread.ident is not None and thread.is_alive():
+            spent += time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+    return spent
+
+
+def _timed(
+    profiler: cProfile.Profile | None,
+    work: Callable[[], int],
+    threads: list[threading.Thread] | None = None,
+) -> tuple[int, float]:
+    """Run ``work``; return its token count and the CPU seconds of this thread and ``threads``."""
+    began = _thread_cpu(threads or [])
     if profiler is not None:
         profiler.enable()
     try:
@@ -168,7 +186,44 @@ def _timed(profiler: cProfile.Profile | None, work: Callable[[], int]) -> tuple[
     finally:
         if profiler is not None:
             profiler.disable()
-    return tokens, time.thread_time() - began
+    return tokens, _thread_cpu(threads or []) - began
+
+
+@contextlib.contextmanager
+def _profiled_flusher(flusher: Flusher, profiler: cProfile.Profile) -> Iterator[None]:
+    """Profile the flusher's sends (its own thread) into ``profiler`` meanwhile."""
+    send = flusher._send
+
+    def profiled(conn: Any, batch: list[Outbox]) -> None:
+        profiler.enable()
+        try:
+            send(conn, batch)
+        finally:
+            profiler.disable()
+
+    flusher._send = profiled  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        flusher._send = send  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _redis_free_flusher(flusher: Flusher) -> Iterator[None]:
+    """The flusher confirms every batch without sending it: the worker's cost without Redis."""
+    send = flusher._send
+
+    def confirm(conn: Any, batch: list[Outbox]) -> None:
+        began = time.monotonic()
+        for box in batch:
+            flusher._pack(box)  # the packing is the worker's work; the round trip is not
+            flusher._confirm(box, 0, began)
+
+    flusher._send = confirm  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        flusher._send = send  # type: ignore[method-assign]
 
 
 def profile_worker(fleet: BenchFleet, load: Load, jobs: int) -> Profile:
@@ -196,16 +251,20 @@ def profile_worker(fleet: BenchFleet, load: Load, jobs: int) -> Profile:
                         raise RuntimeError(f"profiled job {job_id} ended {outcome}")
                 return jobs * load.tokens
 
+            flusher = runtime.flusher
+            assert flusher is not None, "the bench's Redis is a single Redis"
+            threads = [t for t in threading.enumerate() if t.name == "tokenrelay-flusher"]
             work()  # warm: connections, imports
-            tokens, plain = _timed(None, work)
+            tokens, plain = _timed(None, work, threads)
+            # The flusher is a thread of its own here (a greenlet in a worker): its sends are
+            # profiled with a second profiler, merged below.
             profiler = cProfile.Profile(time.thread_time)
-            profiled_tokens, cpu = _timed(profiler, work)
-            # Ablation: the same jobs with the publish script a no-op (no Redis round trip).
-            real, runtime.scripts.publish = runtime.scripts.publish, NullScript()  # type: ignore[assignment]
-            try:
-                bare_tokens, bare = _timed(None, work)
-            finally:
-                runtime.scripts.publish = real
+            flusher_profiler = cProfile.Profile(time.thread_time)
+            with _profiled_flusher(flusher, flusher_profiler):
+                profiled_tokens, cpu = _timed(profiler, work, threads)
+            # Ablation: the same jobs with every batch confirmed without a Redis round trip.
+            with _redis_free_flusher(flusher):
+                bare_tokens, bare = _timed(None, work, threads)
         finally:
             runtime.stop()
             # Its control listener and keeper threads end within a second of stop(); closing
@@ -216,7 +275,11 @@ def profile_worker(fleet: BenchFleet, load: Load, jobs: int) -> Profile:
             runtime.redis.close()
     name = f"worker: run_job, {load.delay_ms:g} ms between tokens"
     bare_us = bare * 1e6 / bare_tokens
-    return _digest(name, profiler, profiled_tokens, plain * 1e6 / tokens, cpu, bare_us)
+    profiler.create_stats()
+    flusher_profiler.create_stats()
+    merged = pstats.Stats(profiler)
+    merged.add(flusher_profiler)
+    return _digest(name, merged, profiled_tokens, plain * 1e6 / tokens, cpu, bare_us)
 
 
 def profile_reader(fleet: BenchFleet, load: Load) -> Profile:
