@@ -34,11 +34,12 @@ from producer.reading import (
     JobFailedError,
     JobNotFound,
     JobState,
+    Published,
     Sequencer,
     Transcript,
     Verdict,
-    decode_live,
-    events_from_log,
+    published_from_log,
+    published_live,
 )
 from producer.settings import Settings
 
@@ -47,36 +48,86 @@ log = logging.getLogger("tokenrelay.producer")
 LOG_BATCH: Final = 1000
 POLL_INTERVAL: Final = 1.0
 BUFFER: Final = 1024  # live messages held per reader before it falls back to the log
-_GAP: Final = b""  # put in a reader's buffer when live messages may have been missed
 
 
 class _Listener:
-    """One reader's end of the multiplexer: a bounded buffer of raw live messages."""
+    """One reader's end of the multiplexer: a bounded buffer of live events (``None`` marks a
+    gap: read the log), and a wait for the next one that keeps at most one timer armed,
+    moved on only when it fires, instead of a timer and a task per event."""
 
-    def __init__(self, size: int, stats: dict[str, int]) -> None:
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue(size)
+    def __init__(self, size: int, stats: dict[str, int], loop: asyncio.AbstractEventLoop) -> None:
         self.overflowed = False
+        self._items: list[Published | None] = []
+        self._size = size
         self._stats = stats
+        self._loop = loop
+        self._waiter: asyncio.Future[None] | None = None
+        self._wake_at = 0.0  # when the current wait ends
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
-    def offer(self, data: bytes) -> None:
+    def offer(self, item: Published | None) -> None:
         if self.overflowed:
             return
-        try:
-            self.queue.put_nowait(data)
-        except asyncio.QueueFull:
+        if len(self._items) >= self._size:
             self._stats["overflows"] += 1
             # Too slow to keep up live: drop the buffer, the reader catches up from the log.
-            self.overflowed = True
-            self._reset()
+            self.gap()
+            return
+        self._items.append(item)
+        self._wake()
 
     def gap(self) -> None:
         self.overflowed = True
-        self._reset()
+        self._items = [None]
+        self._wake()
 
-    def _reset(self) -> None:
-        while not self.queue.empty():
-            self.queue.get_nowait()
-        self.queue.put_nowait(_GAP)
+    def drain(self) -> list[Published | None]:
+        """Everything buffered, oldest first; live messages are buffered again from here on."""
+        items, self._items = self._items, []
+        self.overflowed = False
+        return items
+
+    async def wait(self, seconds: float) -> bool:
+        """Wait until something is buffered, at most ``seconds``; whether something is."""
+        if self._items:
+            return True
+        if seconds <= 0:
+            return False
+        self._wake_at = self._loop.time() + seconds
+        if self._timer is None or self._timer_at > self._wake_at:
+            self._arm(self._wake_at)
+        waiter = self._waiter = self._loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+        return bool(self._items)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._waiter is None:
+            return  # nobody waits: the next wait arms a timer again
+        if self._wake_at > self._timer_at:
+            self._arm(self._wake_at)  # this wait began after the timer was set: move it on
+        else:
+            self._wake()
 
 
 class Multiplexer:
@@ -107,7 +158,7 @@ class Multiplexer:
         return len(self._listeners)
 
     async def subscribe(self, channel: str) -> _Listener:
-        listener = _Listener(self._buffer, self.stats)
+        listener = _Listener(self._buffer, self.stats, asyncio.get_running_loop())
         async with self._lock:
             self._ensure_running()
             first = channel not in self._listeners
@@ -119,12 +170,14 @@ class Multiplexer:
             confirmed = self._confirmed.get(channel)
         if confirmed is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(confirmed), 10)
+                async with asyncio.timeout(10):
+                    await asyncio.shield(confirmed)
             except TimeoutError:
                 listener.gap()  # unconfirmed: poll the log until live messages flow
         return listener
 
     async def unsubscribe(self, channel: str, listener: _Listener) -> None:
+        listener.close()
         async with self._lock:
             listeners = self._listeners.get(channel)
             if listeners is None:
@@ -201,8 +254,12 @@ class Multiplexer:
             kind, channel = message["type"], message["channel"]
             name = channel.decode() if isinstance(channel, bytes) else channel
             if kind in ("message", "smessage"):
-                for listener in tuple(self._listeners.get(name, ())):
-                    listener.offer(message["data"])
+                listeners = self._listeners.get(name)
+                if listeners:
+                    # Decoded once, shared by every reader of the job.
+                    item = published_live(message["data"])
+                    for listener in listeners:
+                        listener.offer(item)
             elif kind in ("subscribe", "ssubscribe"):
                 future = self._confirmed.get(name)
                 if future is not None and not future.done():
@@ -352,6 +409,9 @@ class AsyncJob:
         self.sequencer = Sequencer(last=after)
         self.transcript = Transcript()
         self._listener: _Listener | None = None
+        self._started = False  # the log has been read to its end once
+        self._behind = False  # the last log read filled a batch: read on before live events
+        self._ended = False  # resumed after the last event of a job that has ended
 
     def __repr__(self) -> str:
         return f"AsyncJob({self.id!r})"
@@ -359,6 +419,11 @@ class AsyncJob:
     @property
     def channel(self) -> str:
         return self.client.keys.channel(self.id)
+
+    @property
+    def done(self) -> bool:
+        """Whether this reader has had the job's terminal event (or resumed past it)."""
+        return self._ended or self.sequencer.done
 
     async def open(self) -> None:
         if self._listener is None:
@@ -373,62 +438,80 @@ class AsyncJob:
         """Yield events up to the terminal one; ``TimeoutError`` past ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            await self.open()
-            async for event in self._catch_up():
-                yield event
+            while not self.done:
+                wait = POLL_INTERVAL
+                if deadline is not None and self._started:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        raise TimeoutError(f"job {self.id}: no terminal event in {timeout} s")
+                for item in await self.next_events(wait):
+                    yield item.event
+        finally:
+            await self.close()
+
+    async def next_events(self, wait: float = POLL_INTERVAL) -> list[Published]:
+        """The next events, in order and each once, with the bytes they were published as: all
+        that are ready, else those that come within ``wait`` seconds; ``[]`` if none came or
+        the job is ``done``. Waits at most ``POLL_INTERVAL``, then reads the log in case a live
+        message was lost. The sequencer and the transcript count an event when it is returned.
+        The caller closes the job (``events`` does it itself)."""
+        await self.open()
+        assert self._listener is not None
+        if not self._started:
+            return await self._start()
+        if self.done:
+            return []
+        if self._behind:
+            return await self._catch_up()
+        listener = self._listener
+        if not await listener.wait(min(wait, POLL_INTERVAL)):
+            return await self._catch_up()
+        out: list[Published] = []
+        sequencer = self.sequencer
+        for item in listener.drain():
+            verdict = Verdict.GAP if item is None else sequencer.judge(item.event)
+            if verdict is Verdict.NEXT:
+                assert item is not None
+                out.append(self._deliver(item))
+                if sequencer.done:
+                    break
+            elif verdict is Verdict.GAP:
+                # The log holds every event published before now, so it holds the rest of
+                # these too: what follows them is still in the buffer.
+                out += await self._catch_up()
+                break
+        return out
+
+    async def _start(self) -> list[Published]:
+        """The log from the reader's position; subscribed before, so nothing falls between."""
+        out = await self._catch_up()
+        if not self._behind:
+            self._started = True
             if not self.sequencer.done and self.sequencer.last >= 0:
                 # Resuming after the last event of a job that has ended: nothing more to come.
                 state = await self.client.status(self.id)
                 if state.terminal and state.last_seq <= self.sequencer.last:
-                    return
-            while not self.sequencer.done:
-                wait = POLL_INTERVAL
-                if deadline is not None:
-                    wait = min(wait, deadline - time.monotonic())
-                    if wait <= 0:
-                        raise TimeoutError(f"job {self.id}: no terminal event in {timeout} s")
-                async for event in self._next_live(wait):
-                    yield event
-        finally:
-            await self.close()
+                    self._ended = True
+        return out
 
-    async def _next_live(self, wait: float) -> AsyncIterator[Event]:
-        assert self._listener is not None
-        listener = self._listener
-        try:
-            data = await asyncio.wait_for(listener.queue.get(), wait)
-        except TimeoutError:
-            data = None
-        if not data or listener.overflowed:
-            listener.overflowed = False
-            data = None
-        event = decode_live(data) if data else None
-        if event is None:
-            async for caught in self._catch_up():
-                yield caught
-            return
-        verdict = self.sequencer.judge(event)
-        if verdict is Verdict.NEXT:
-            yield self._deliver(event)
-        elif verdict is Verdict.GAP:
-            async for caught in self._catch_up():
-                yield caught
+    async def _catch_up(self) -> list[Published]:
+        """The next batch of events from the log."""
+        entries = await self.client.redis.xrange(
+            self.client.keys.log(self.id), min=self.sequencer.log_start, count=LOG_BATCH
+        )
+        entries = entries or []
+        self._behind = len(entries) >= LOG_BATCH
+        out = []
+        for item in published_from_log(entries):
+            if self.sequencer.judge(item.event) is Verdict.NEXT:
+                out.append(self._deliver(item))
+        if self.sequencer.done:
+            self._behind = False
+        return out
 
-    async def _catch_up(self) -> AsyncIterator[Event]:
-        log_key = self.client.keys.log(self.id)
-        while not self.sequencer.done:
-            entries = await self.client.redis.xrange(
-                log_key, min=self.sequencer.log_start, count=LOG_BATCH
-            )
-            for event in events_from_log(entries or []):
-                if self.sequencer.judge(event) is Verdict.NEXT:
-                    yield self._deliver(event)
-            if len(entries or []) < LOG_BATCH:
-                return
-
-    def _deliver(self, event: Event) -> Event:
-        self.transcript.add(self.sequencer.deliver(event))
-        return event
+    def _deliver(self, item: Published) -> Published:
+        self.transcript.add(self.sequencer.deliver(item.event))
+        return item
 
     async def tokens(self, timeout: float | None = None) -> AsyncIterator[str]:
         """Token texts as they arrive; ``JobFailedError`` if the job errs or is cancelled."""

@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Final, NamedTuple
 
 from producer.protocol import (
     LOG_FIELD,
@@ -24,6 +24,8 @@ from producer.protocol import (
     decode,
     log_entry_id,
 )
+
+_LOG_KEY: Final = LOG_FIELD.encode()
 
 
 class JobNotFound(LookupError):
@@ -86,6 +88,35 @@ def decode_live(data: Any) -> Event | None:
         return decode(data)
     except ProtocolError:
         return None
+
+
+class Published(NamedTuple):
+    """One event, with the bytes it was published as (on the channel and in the log)."""
+
+    event: Event
+    data: bytes
+
+
+def published_from_log(entries: Iterable[tuple[Any, Any]]) -> list[Published]:
+    """``events_from_log``, keeping each event's bytes."""
+    out = []
+    for _entry_id, values in entries:
+        values = values or {}
+        data = values.get(_LOG_KEY) or values.get(LOG_FIELD)
+        if data is None:
+            raise ProtocolError("log entry without an event")
+        out.append(Published(decode(data), _bytes(data)))
+    return out
+
+
+def published_live(data: Any) -> Published | None:
+    """``decode_live``, keeping the message's bytes."""
+    event = decode_live(data)
+    return None if event is None else Published(event, _bytes(data))
+
+
+def _bytes(data: bytes | str) -> bytes:
+    return data if isinstance(data, bytes) else data.encode("utf-8", "backslashreplace")
 
 
 @dataclass

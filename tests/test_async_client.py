@@ -4,14 +4,17 @@ connection however many jobs it reads."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis
 
 from producer import AsyncClient, EventType, JobFailedError
+from producer.aio import _Listener
 from producer.mock_upstream import generate
-from producer.protocol import Event
+from producer.protocol import LOG_FIELD, Event, Keys, encode, log_entry_id, make_event
+from producer.reading import Published
 from tests.conftest import Fleet, marker
 from tests.test_pipeline import assert_well_formed, token_text
 
@@ -128,3 +131,107 @@ def test_errors_and_cancel_raise_job_failed(fleet: Fleet) -> None:
         assert event.type is EventType.CANCELLED
 
     run(fleet, body)
+
+
+def test_a_burst_reaches_every_reader_whole_in_order_with_its_bytes(fleet: Fleet) -> None:
+    prompt = marker("burst")
+
+    async def body(client: AsyncClient) -> tuple[list[Event], list[Published]]:
+        job = await client.submit(prompt, model="mock?delay_ms=0", max_tokens=1000, follow=True)
+        other = await client.subscribe(job.id)  # a second reader, sharing the live messages
+
+        async def read_other() -> list[Published]:
+            items: list[Published] = []
+            try:
+                while not other.done:
+                    items += await other.next_events()
+            finally:
+                await other.close()
+            return items
+
+        task = asyncio.create_task(read_other())
+        events = [event async for event in job.events(timeout=60)]
+        return events, await task
+
+    events, items = run(fleet, body)
+    assert_well_formed(events, events[0].job)
+    assert token_text(events) == "".join(generate(prompt, 1000)[0])
+    assert [item.event for item in items] == events
+    assert all(item.data == encode(item.event) for item in items)
+
+
+def test_events_the_channel_lost_come_from_the_log(fleet: Fleet, redis_server: Any) -> None:
+    """Events only in the log reach the reader by its idle poll; a message on the channel that
+    is not an event makes it read the log at once."""
+    keys = Keys(fleet.settings.prefix)
+    job_id = "hand-" + secrets.token_hex(4)
+    admin = redis.Redis(port=redis_server.port)
+    written = [
+        make_event(job_id, 0, EventType.START, attempt=1),
+        make_event(job_id, 1, EventType.TOKEN, text="only in the log"),
+        make_event(job_id, 2, EventType.TOKEN, text=" and this"),
+        make_event(job_id, 3, EventType.DONE, finish_reason="stop"),
+    ]
+
+    def log_only(event: Event) -> None:
+        admin.xadd(keys.log(job_id), {LOG_FIELD: encode(event)}, id=log_entry_id(event.seq))
+
+    admin.hset(keys.state(job_id), "status", "running")
+    admin.expire(keys.state(job_id), 60)
+    log_only(written[0])
+    admin.expire(keys.log(job_id), 60)
+
+    async def write() -> None:
+        await asyncio.sleep(0.3)
+        log_only(written[1])  # found by the poll
+        await asyncio.sleep(1.5)
+        log_only(written[2])
+        log_only(written[3])
+        admin.publish(keys.channel(job_id), b"not an event")  # read the log now
+
+    async def body(client: AsyncClient) -> list[Event]:
+        job = await client.subscribe(job_id)
+        writer = asyncio.create_task(write())
+        events = [event async for event in job.events(timeout=20)]
+        await writer
+        return events
+
+    try:
+        assert run(fleet, body) == written
+    finally:
+        admin.close()
+
+
+def test_a_listener_waits_for_an_offer_or_its_time_and_marks_overflow() -> None:
+    item = Published(make_event("j", 0, EventType.START, attempt=1), b"{}")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stats = {"overflows": 0}
+        listener = _Listener(2, stats, loop)
+        assert not await listener.wait(0)
+        assert not await listener.wait(0.05)  # nothing came
+        for _ in range(50):  # each wait ends with the offer, not its time
+            loop.call_soon(listener.offer, item)
+            assert await listener.wait(30)
+            assert listener.drain() == [item]
+        # The timer armed for a short wait that an offer ended is moved on for the next, longer
+        # wait: that one ends at its own time, not the earlier one.
+        loop.call_soon(listener.offer, item)
+        assert await listener.wait(0.05)
+        listener.drain()
+        began = loop.time()
+        assert not await listener.wait(0.3)
+        assert loop.time() - began >= 0.29
+        # Past its size the buffer is dropped for one gap mark; nothing is taken until drained.
+        for _ in range(3):
+            listener.offer(item)
+        listener.offer(item)
+        assert stats["overflows"] == 1
+        assert await listener.wait(1)
+        assert listener.drain() == [None]
+        listener.offer(item)
+        assert listener.drain() == [item]
+        listener.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
