@@ -15,6 +15,7 @@ import sseclient
 
 from producer import Client, EventType, Status
 from producer.mock_upstream import generate
+from producer.protocol import LOG_FIELD, decode, encode, log_entry_id, make_event
 from tests.conftest import Gateway, Mock, marker
 
 
@@ -247,6 +248,90 @@ def test_jobs_api_events_and_resume_with_last_event_id(gateway: Gateway) -> None
     assert state["status"] == "done" and state["tokens"] == 30
 
 
+def sse_frames(raw: bytes) -> list[bytes]:
+    """The events of a raw SSE body, each as its frame's bytes (comments left out)."""
+    return [part + b"\n\n" for part in raw.split(b"\n\n") if part and not part.startswith(b":")]
+
+
+def event_frame(data: bytes) -> bytes:
+    """What the gateway sent for an event before it forwarded the bytes as published."""
+    event = decode(data)
+    return b"id: %d\ndata: %s\n\n" % (event.seq, encode(event))
+
+
+def test_readers_joining_at_any_point_get_byte_identical_frames(
+    gateway: Gateway, client: Client
+) -> None:
+    job = create(gateway, prompt=marker("bytes"), model="mock?delay_ms=20", max_tokens=60)
+    url = gateway.url + job["events_url"]
+    bodies: dict[str, bytes] = {}
+
+    def read(name: str, headers: dict[str, str]) -> None:
+        with requests.get(url, headers=headers, stream=True, timeout=30) as response:
+            bodies[name] = b"".join(response.iter_content(None))
+
+    threads = [threading.Thread(target=read, args=("early", {}))]
+    threads[0].start()
+    deadline = time.monotonic() + 20
+    while client.status(job["id"]).tokens < 20:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    for name, headers in (("late", {}), ("resumed", {"Last-Event-ID": "30"})):
+        threads.append(threading.Thread(target=read, args=(name, headers)))
+        threads[-1].start()
+    for thread in threads:
+        thread.join(30)
+    entries = client.redis.xrange(client.keys.log(job["id"]))
+    expected = [event_frame(values[LOG_FIELD.encode()]) for _, values in entries]
+    assert len(expected) == 62
+    assert sse_frames(bodies["early"]) == expected
+    assert sse_frames(bodies["late"]) == expected
+    assert sse_frames(bodies["resumed"]) == expected[31:]
+
+
+def test_a_burst_reaches_every_reader_whole_and_in_order(gateway: Gateway) -> None:
+    prompt = marker("burst")
+    job = create(gateway, prompt=prompt, model="mock?delay_ms=0", max_tokens=1000)
+    results: list[list[tuple[int, dict[str, Any]]]] = [[], [], []]
+
+    def read(i: int) -> None:
+        with requests.get(gateway.url + job["events_url"], stream=True, timeout=60) as response:
+            results[i] = read_sse(response)
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)  # joining at different points of the stream
+    for thread in threads:
+        thread.join(60)
+    for events in results:
+        assert [seq for seq, _ in events] == list(range(1002))
+        assert "".join(e["text"] for _, e in events if e["type"] == "token") == expected(
+            prompt, 1000
+        )
+        assert events[-1][1]["type"] == "done"
+
+
+def test_an_event_written_with_line_breaks_is_sent_compact(
+    gateway: Gateway, client: Client
+) -> None:
+    job_id = "hand-" + marker("x")[1:-1].replace("-", "")
+    written = [
+        make_event(job_id, 0, EventType.START, attempt=1),
+        make_event(job_id, 1, EventType.TOKEN, text="two\nlines"),
+        make_event(job_id, 2, EventType.DONE, finish_reason="stop"),
+    ]
+    log, state = client.keys.log(job_id), client.keys.state(job_id)
+    for event in written:
+        pretty = json.dumps(event.as_dict(), indent=1)
+        client.redis.xadd(log, {LOG_FIELD: pretty}, id=log_entry_id(event.seq))
+    client.redis.hset(state, mapping={"status": "done", "seq": 2})
+    for key in (log, state):
+        client.redis.expire(key, 60)
+    raw = requests.get(gateway.url + f"/v1/jobs/{job_id}/events", timeout=10).content
+    assert sse_frames(raw) == [b"id: %d\ndata: %s\n\n" % (e.seq, encode(e)) for e in written]
+
+
 def test_two_readers_of_one_job_get_the_same_events(gateway: Gateway) -> None:
     job = create(gateway, prompt=marker("two"), model="mock?delay_ms=15", max_tokens=40)
     results: list[list[tuple[int, dict[str, Any]]]] = [[], []]
@@ -322,6 +407,17 @@ def test_idle_streams_get_keepalive_comments(fleet: Any, run_dir: Any) -> None:
             raw = b"".join(response.iter_content(None))
         assert raw.count(b": keep-alive\n\n") >= 3
         assert raw.count(b"data: ") == 4
+        # The compatible routes too, between their tokens.
+        body = {
+            "model": "mock?delay_ms=700",
+            "prompt": marker("idle-compat"),
+            "max_tokens": 2,
+            "stream_tokens": True,
+        }
+        with requests.post(quick.url + "/inference", json=body, stream=True, timeout=30) as answer:
+            raw = b"".join(answer.iter_content(None))
+        assert raw.count(b": keep-alive\n\n") >= 2
+        assert raw.count(b'"text":') == 3 and raw.endswith(b"data: [DONE]\n\n")
     finally:
         quick.process.stop()
 

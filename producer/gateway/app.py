@@ -34,9 +34,9 @@ from producer.aio import AsyncClient, AsyncJob
 from producer.gateway import compat, metrics
 from producer.gateway.auth import Auth, Unauthorized
 from producer.gateway.openapi import OPENAPI
-from producer.gateway.sse import DONE_FRAME, EventStream, frame, with_keepalive
+from producer.gateway.sse import DONE_FRAME, KEEPALIVE_FRAME, EventStream, frame
 from producer.protocol import Event, EventType, Keys, ProtocolError, encode, validate_job_id
-from producer.reading import JobNotFound, JobState, Transcript
+from producer.reading import JobNotFound, JobState, Published, Transcript
 from producer.settings import Settings
 from producer.spec import InvalidJob
 
@@ -150,7 +150,6 @@ class Gateway:
         model = str(job_request.get("model") or self.settings.default_model)
         form = format_class(job.id, model, usage_chunk=compat.include_usage(body))
         cancel_on_leave = self.settings.cancel_on_disconnect
-        events = job.events().__aiter__()
 
         async def leave() -> None:
             await job.close()
@@ -159,23 +158,26 @@ class Gateway:
 
         # Wait for the first token (or the end) before answering, so an upstream refusal is an
         # HTTP error status, as the real APIs give it, not an event in a 200 stream.
-        head = await self.until_disconnect(request, _first_tokens(events, everything=not stream))
+        try:
+            head = await self.until_disconnect(request, _first_events(job, everything=not stream))
+        except BaseException:
+            await job.close()
+            raise
         if head is None:
             await leave()
             return Response(status_code=499)
+        refused = bool(head) and _refused(head)
+        if stream and head and not refused:
+            frames = _compat_frames(form, head, job, self, self.settings.keepalive_seconds)
+            return EventStream(frames, on_disconnect=leave if cancel_on_leave else None)
+        await job.close()
         if not head:
             return HTTPError(504, "the job ended without events", "server_error").response()
-        if head[-1].terminal and not _has_token(head) and head[-1].type is not EventType.DONE:
-            await _aclose(events)
+        if refused:
             failed = head[-1]
             status = compat.http_status_of(failed)
             return Response(compat.error_payload(failed), status, media_type="application/json")
-        if not stream:
-            return self.answer(form, head)
-        frames = with_keepalive(
-            _compat_frames(form, head, events, self, job), self.settings.keepalive_seconds
-        )
-        return EventStream(frames, on_disconnect=leave if cancel_on_leave else None)
+        return self.answer(form, head)
 
     def answer(self, form: compat.Format, events: list[Event]) -> Response:
         transcript = Transcript()  # restart-aware, as every reader reassembles
@@ -240,9 +242,8 @@ class Gateway:
         state = await self.owned(request.path_params["job_id"], tenant)
         after = _last_event_id(request)
         job = await self.client.subscribe(state.job_id, after=after)
-        frames = (frame(encode(event), event.seq) async for event in job.events())
         # A reader that leaves only detaches: the job runs on for its other readers.
-        return EventStream(with_keepalive(frames, self.settings.keepalive_seconds))
+        return EventStream(_job_frames(job, self.settings.keepalive_seconds))
 
     # --- the rest -----------------------------------------------------------------------------
 
@@ -316,12 +317,13 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-async def _first_tokens(events: AsyncIterator[Event], *, everything: bool) -> list[Event]:
-    """Events up to the first token (or all of them with ``everything``), or to the end."""
+async def _first_events(job: AsyncJob, *, everything: bool) -> list[Event]:
+    """Events up to the first token's (or all of them with ``everything``), or to the end."""
     head: list[Event] = []
-    async for event in events:
-        head.append(event)
-        if event.terminal or (event.type is EventType.TOKEN and not everything):
+    while not job.done:
+        batch = [item.event for item in await job.next_events()]
+        head += batch
+        if not everything and _has_token(batch):
             break
     return head
 
@@ -330,60 +332,102 @@ def _has_token(events: list[Event]) -> bool:
     return any(event.type is EventType.TOKEN for event in events)
 
 
-async def _aclose(events: AsyncIterator[Event]) -> None:
-    with contextlib.suppress(Exception):
-        await events.aclose()  # type: ignore[attr-defined]
+def _refused(head: list[Event]) -> bool:
+    """Whether the job failed before its first token."""
+    return head[-1].terminal and not _has_token(head) and head[-1].type is not EventType.DONE
+
+
+def _event_frame(item: Published) -> bytes:
+    """A protocol event as SSE: ``id:`` its seq, ``data:`` the bytes it was published as (what
+    ``encode`` makes of it: the worker publishes with ``encode``)."""
+    data = item.data
+    if b"\n" in data or b"\r" in data:
+        data = encode(item.event)  # not compact JSON; its compact form keeps the frame one event
+    return frame(data, item.event.seq)
+
+
+async def _job_frames(job: AsyncJob, keepalive: float) -> AsyncIterator[bytes]:
+    """A job's events as SSE frames, those ready together in one chunk, and a comment
+    whenever ``keepalive`` seconds pass without a frame (the reader's own wait times out: no
+    task or timer per frame)."""
+    loop = asyncio.get_running_loop()
+    quiet_until = loop.time() + keepalive
+    try:
+        while not job.done:
+            batch = await job.next_events(quiet_until - loop.time())
+            if batch:
+                yield b"".join([_event_frame(item) for item in batch])
+            elif loop.time() >= quiet_until:
+                yield KEEPALIVE_FRAME
+            else:
+                continue
+            quiet_until = loop.time() + keepalive
+    finally:
+        await job.close()
 
 
 async def _compat_frames(
     form: compat.Format,
     head: list[Event],
-    events: AsyncIterator[Event],
-    gateway: Gateway,
     job: AsyncJob,
+    gateway: Gateway,
+    keepalive: float,
 ) -> AsyncIterator[bytes]:
-    """A job's events as one compatibility API's SSE frames, ending with ``[DONE]``."""
-
-    async def all_events() -> AsyncIterator[Event]:
-        for event in head:
-            yield event
-        if not head[-1].terminal:
-            async for event in events:
-                yield event
-
-    for payload in form.first():
-        yield frame(payload)
+    """A job's events as one compatibility API's SSE frames, ending with ``[DONE]``; frames
+    ready together go in one chunk, and a comment whenever ``keepalive`` seconds pass without
+    one."""
     tokens: list[str] = []
-    try:
-        async for event in all_events():
+    out = [frame(payload) for payload in form.first()]
+
+    async def render(events: list[Event]) -> bool:
+        """Add the events' frames to ``out``; whether the stream ends with them."""
+        for event in events:
             if event.type is EventType.TOKEN:
                 tokens.append(event.text)
-                yield frame(form.token(event.text))
+                out.append(frame(form.token(event.text)))
             elif event.type is EventType.RESTART and tokens:
                 # Tokens already sent cannot be taken back from this client: end its request.
                 await gateway.cancel_quietly(job.id)
-                restarted = Event(
-                    job.id,
-                    event.seq,
-                    EventType.ERROR,
-                    {
-                        "code": "restarted",
-                        "message": "the job's worker was lost mid-stream; retry the request",
-                    },
-                )
-                yield frame(compat.error_payload(restarted))
-                break
+                out.append(frame(compat.error_payload(_restarted(job.id, event.seq))))
+                return True
             elif event.type is EventType.DONE:
                 outcome = compat.Outcome.of("".join(tokens), event, len(tokens))
-                for payload in form.finish(outcome):
-                    yield frame(payload)
-                break
+                out.extend(frame(payload) for payload in form.finish(outcome))
+                return True
             elif event.terminal:
-                yield frame(compat.error_payload(event))
-                break
-        yield DONE_FRAME
+                out.append(frame(compat.error_payload(event)))
+                return True
+        return False
+
+    loop = asyncio.get_running_loop()
+    quiet_until = loop.time() + keepalive
+    try:
+        ended = await render(head)
+        while not ended:
+            if out:
+                yield b"".join(out)
+                out.clear()
+                quiet_until = loop.time() + keepalive
+            batch = await job.next_events(quiet_until - loop.time())
+            if batch:
+                ended = await render([item.event for item in batch])
+            elif job.done:
+                ended = True
+            elif loop.time() >= quiet_until:
+                out.append(KEEPALIVE_FRAME)
+        out.append(DONE_FRAME)
+        yield b"".join(out)
     finally:
-        await _aclose(events)
+        await job.close()
+
+
+def _restarted(job_id: str, seq: int) -> Event:
+    return Event(
+        job_id,
+        seq,
+        EventType.ERROR,
+        {"code": "restarted", "message": "the job's worker was lost mid-stream; retry the request"},
+    )
 
 
 def _last_event_id(request: Request) -> int:

@@ -1,8 +1,9 @@
 """Server-Sent Events out of the gateway: frame encoding and an ASGI response that notices a
 client leaving even while the stream is idle.
 
-Every frame is sent as its own HTTP chunk (chunked transfer encoding, never gzip), so clients
-built on requests + sseclient-py see each event the moment it is sent.
+Frames are sent the moment they are ready, as HTTP chunks of whole frames (chunked transfer
+encoding, never gzip; frames ready at the same moment share a chunk), so clients built on
+requests + sseclient-py see each event the moment it is sent.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ SSE_HEADERS: Final = {
 def frame(data: bytes | str, event_id: int | None = None) -> bytes:
     """One SSE event: ``id:`` (optional) and one ``data:`` line (``data`` holds no newline)."""
     payload = data.encode() if isinstance(data, str) else data
-    head = b"" if event_id is None else b"id: %d\n" % event_id
-    return head + b"data: " + payload + b"\n\n"
+    if event_id is None:
+        return b"data: %s\n\n" % payload
+    return b"id: %d\ndata: %s\n\n" % (event_id, payload)
 
 
 class EventStream(Response):
@@ -93,28 +95,3 @@ async def _wait_for_disconnect(receive: Receive) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
-
-
-async def with_keepalive(frames: AsyncIterator[bytes], interval: float) -> AsyncIterator[bytes]:
-    """``frames``, with a comment frame whenever ``interval`` seconds pass without one."""
-    iterator = frames.__aiter__()
-    pending: asyncio.Future[bytes] | None = None
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(iterator.__anext__())
-            done, _ = await asyncio.wait({pending}, timeout=interval)
-            if not done:
-                yield KEEPALIVE_FRAME
-                continue
-            try:
-                chunk = pending.result()
-            except StopAsyncIteration:
-                return
-            pending = None
-            yield chunk
-    finally:
-        if pending is not None and not pending.done():
-            pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
-                await pending
