@@ -50,14 +50,41 @@ POLL_INTERVAL: Final = 1.0
 BUFFER: Final = 1024  # live messages held per reader before it falls back to the log
 
 
+class _Live:
+    """A live message as the multiplexer hands it to every reader of its job: decoded the first
+    time a reader needs it, and once however many readers do (a reader that already has the
+    event from the log never does)."""
+
+    __slots__ = ("_data", "_decoded", "_published")
+
+    def __init__(self, data: Any) -> None:
+        self._data = data
+        self._decoded = False
+        self._published: Published | None = None
+
+    @property
+    def published(self) -> Published | None:
+        """The event with its bytes, or ``None`` if the message is not an event."""
+        if not self._decoded:
+            self._published = published_live(self._data)
+            self._decoded = True
+        return self._published
+
+
+async def _as_received(message: Any) -> Any:
+    """redis-py's pub/sub push handler, minus its per-message debug log line (which formats the
+    whole message whether or not debug logging is on)."""
+    return message
+
+
 class _Listener:
-    """One reader's end of the multiplexer: a bounded buffer of live events (``None`` marks a
+    """One reader's end of the multiplexer: a bounded buffer of live messages (``None`` marks a
     gap: read the log), and a wait for the next one that keeps at most one timer armed,
     moved on only when it fires, instead of a timer and a task per event."""
 
     def __init__(self, size: int, stats: dict[str, int], loop: asyncio.AbstractEventLoop) -> None:
         self.overflowed = False
-        self._items: list[Published | None] = []
+        self._items: list[_Live | None] = []
         self._size = size
         self._stats = stats
         self._loop = loop
@@ -66,7 +93,7 @@ class _Listener:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
 
-    def offer(self, item: Published | None) -> None:
+    def offer(self, item: _Live) -> None:
         if self.overflowed:
             return
         if len(self._items) >= self._size:
@@ -82,7 +109,7 @@ class _Listener:
         self._items = [None]
         self._wake()
 
-    def drain(self) -> list[Published | None]:
+    def drain(self) -> list[_Live | None]:
         """Everything buffered, oldest first; live messages are buffered again from here on."""
         items, self._items = self._items, []
         self.overflowed = False
@@ -212,7 +239,7 @@ class Multiplexer:
         if self._pubsub is None:
             if self._sharded:
                 await self._redis.initialize()  # learn the slot map before subscribing by slot
-            self._pubsub = self._redis.pubsub()
+            self._pubsub = self._redis.pubsub(push_handler_func=_as_received)
         # On failure the reader task reconnects and subscribes again; meanwhile readers poll.
         with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
             if self._sharded:
@@ -256,8 +283,7 @@ class Multiplexer:
             if kind in ("message", "smessage"):
                 listeners = self._listeners.get(name)
                 if listeners:
-                    # Decoded once, shared by every reader of the job.
-                    item = published_live(message["data"])
+                    item = _Live(message["data"])
                     for listener in listeners:
                         listener.offer(item)
             elif kind in ("subscribe", "ssubscribe"):
@@ -468,7 +494,8 @@ class AsyncJob:
             return await self._catch_up()
         out: list[Published] = []
         sequencer = self.sequencer
-        for item in listener.drain():
+        for live in listener.drain():
+            item = None if live is None else live.published
             verdict = Verdict.GAP if item is None else sequencer.judge(item.event)
             if verdict is Verdict.NEXT:
                 assert item is not None

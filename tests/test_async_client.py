@@ -11,7 +11,7 @@ from typing import Any
 import redis
 
 from producer import AsyncClient, EventType, JobFailedError
-from producer.aio import _Listener
+from producer.aio import _Listener, _Live
 from producer.mock_upstream import generate
 from producer.protocol import LOG_FIELD, Event, Keys, encode, log_entry_id, make_event
 from producer.reading import Published
@@ -203,7 +203,10 @@ def test_events_the_channel_lost_come_from_the_log(fleet: Fleet, redis_server: A
 
 
 def test_a_listener_waits_for_an_offer_or_its_time_and_marks_overflow() -> None:
-    item = Published(make_event("j", 0, EventType.START, attempt=1), b"{}")
+    event = make_event("j", 0, EventType.START, attempt=1)
+    item = _Live(encode(event))
+    assert item.published == Published(event, encode(event))
+    assert _Live(b"not an event").published is None
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
