@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import uvicorn
@@ -105,3 +106,44 @@ def test_settings_never_show_keys() -> None:
     )
     assert settings.upstream_api_key == KEY
     assert KEY not in repr(settings) and "client-key-0123456789" not in repr(settings)
+
+
+def test_the_proxy_from_the_environment_is_used_and_netrc_is_not(
+    echo_upstream: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The echo server stands in for a forward proxy: an unresolvable upstream host is reached
+    # only through HTTP_PROXY. A ~/.netrc entry for that host must not replace the bearer key.
+    monkeypatch.setenv("HTTP_PROXY", echo_upstream)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    netrc = tmp_path / ".netrc"
+    netrc.write_text("machine upstream.invalid login someone password not-the-key\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    client = UpstreamClient("http://upstream.invalid", KEY, connect_timeout=2, read_timeout=2)
+    stream = client.open(
+        dialects.get("openai-completions"),
+        spec("openai-completions"),
+        Continuation(),
+        before_read=lambda: None,
+    )
+    with pytest.raises(UpstreamError) as caught:
+        list(stream.deltas())
+    stream.close()
+    client.close()
+    # The proxy got the request, with the key as sent (and redacted from the error).
+    assert caught.value.message.endswith("rejected Bearer [redacted]")
+
+
+def test_no_proxy_for_the_upstream_host_goes_direct(
+    echo_upstream: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    client = UpstreamClient(echo_upstream, KEY, connect_timeout=2, read_timeout=2)
+    with pytest.raises(UpstreamError) as caught:
+        client.open(
+            dialects.get("together"), spec("together"), Continuation(), before_read=lambda: None
+        )
+    client.close()
+    assert caught.value.status == 401  # the upstream itself answered

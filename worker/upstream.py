@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import json
+import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -54,6 +55,15 @@ class UpstreamClient:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.session = requests.Session()
+        # requests reads the environment on every request when trust_env is on (proxies by
+        # walking all of os.environ: a millisecond per job in a worker's profile) and lets a
+        # ~/.netrc entry replace the Authorization header. Read the proxies and the CA bundle
+        # once instead; no netrc.
+        self.session.trust_env = False
+        self.session.proxies.update(requests.utils.get_environ_proxies(self.base_url))
+        bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+        if bundle:
+            self.session.verify = bundle
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
