@@ -12,8 +12,11 @@ from typing import Any
 import pytest
 import requests
 import sseclient
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from producer import Client, EventType, Status
+from producer.gateway import compat
 from producer.mock_upstream import generate
 from producer.protocol import LOG_FIELD, decode, encode, log_entry_id, make_event
 from tests.conftest import Gateway, Mock, marker
@@ -92,6 +95,24 @@ def test_together_non_streaming(gateway: Gateway) -> None:
     assert answer["output"]["choices"][0]["text"] == expected(prompt, 12)
     assert answer["output"]["usage"]["completion_tokens"] == 12
     assert answer["choices"][0]["finish_reason"] == "length"
+
+
+FORMATS = (compat.TogetherFormat, compat.CompletionsFormat, compat.ChatFormat)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(text=st.text(), model=st.text(max_size=20), usage=st.booleans())
+@example(text='"\\\n\r\t\x00\x7f\u2028\ud800 \U0001f600', model="mock", usage=False)
+@example(text="\ue000tokenrelay-text\ue001", model="mock", usage=True)
+@example(text="x", model="\ue000tokenrelay-text\ue001", usage=False)
+def test_token_chunks_from_the_template_are_the_chunks_built_whole(
+    text: str, model: str, usage: bool
+) -> None:
+    for format_class in FORMATS:
+        form = format_class("job-1", model, usage_chunk=usage)
+        for _ in range(2):  # the first call makes the template, the second uses it
+            assert form.token(text) == form.token_chunk(text)
+            assert json.loads(form.token(text).decode("utf-8", "surrogatepass")) is not None
 
 
 def openai_client(gateway: Gateway, key: str = "unused") -> Any:

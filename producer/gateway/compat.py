@@ -11,7 +11,8 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from json.encoder import encode_basestring
+from typing import Any, Final
 
 from producer.protocol import Event
 from producer.spec import InvalidJob
@@ -98,6 +99,15 @@ def _dumps(obj: object) -> bytes:
     )
 
 
+def _string(text: str) -> bytes:
+    """``_dumps(text)`` for a string: the same escaping, without building an encoder."""
+    return encode_basestring(text).encode("utf-8", "backslashreplace")
+
+
+#: Stands for the token's text in a chunk made once per job (private-use characters).
+_TEXT_MARK: Final = "\ue000tokenrelay-text\ue001"
+
+
 @dataclass
 class Outcome:
     """How a job ended, as the compatibility APIs report it."""
@@ -130,12 +140,24 @@ class Format:
     model: str
     usage_chunk: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+    _token_parts: tuple[bytes, ...] | None = field(default=None, init=False, repr=False)
 
     def first(self) -> list[bytes]:
         """Payloads sent before the first token."""
         return []
 
     def token(self, text: str) -> bytes:
+        """One token's chunk: ``token_chunk``'s bytes, from a template made once per job, since
+        only the text changes from token to token."""
+        if self._token_parts is None:
+            whole, mark = self.token_chunk(_TEXT_MARK), _string(_TEXT_MARK)
+            self._token_parts = tuple(whole.split(mark)) if whole.count(mark) == 1 else ()
+        if not self._token_parts:  # the mark was somewhere else too (in the model's name)
+            return self.token_chunk(text)
+        head, tail = self._token_parts
+        return head + _string(text) + tail
+
+    def token_chunk(self, text: str) -> bytes:
         raise NotImplementedError
 
     def finish(self, outcome: Outcome) -> list[bytes]:
@@ -148,7 +170,7 @@ class Format:
 class TogetherFormat(Format):
     """Together's legacy ``/inference`` shapes."""
 
-    def token(self, text: str) -> bytes:
+    def token_chunk(self, text: str) -> bytes:
         return _dumps(
             {
                 "choices": [{"text": text}],
@@ -211,7 +233,7 @@ class CompletionsFormat(Format):
     def choice(self, text: str | None, finish: str | None) -> dict[str, Any]:
         return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
 
-    def token(self, text: str) -> bytes:
+    def token_chunk(self, text: str) -> bytes:
         return self.chunk([self.choice(text, None)])
 
     def finish(self, outcome: Outcome) -> list[bytes]:
