@@ -22,7 +22,8 @@ Routes, each speaking its dialect streamed and not (default ``max_tokens`` 16 ev
   ``generated_text`` and ``details``; no ``[DONE]``.
 * ``POST /api/generate`` - Ollama; NDJSON, the last line has ``"done": true``.
 * ``GET /_stats`` - the last 10,000 requests, newest last, each with ``id``, ``path``, ``model``,
-  ``prompt_head``, ``tokens_sent``, ``state`` and ``authorized``. ``state`` is ``streaming`` (in
+  ``prompt_head``, ``tokens_sent``, ``state``, ``authorized`` and ``client`` (address:port of the
+  connection). ``state`` is ``streaming`` (in
   progress), ``completed``, ``disconnected`` (the client left first), ``dropped``, ``failed``
   (an error status was answered), ``stalled`` (stall in progress), ``error`` or ``malformed``
   (the stream completed but carried a malformed event). ``tokens_sent`` counts token events handed
@@ -404,6 +405,7 @@ class _Record:
     tokens_sent: int = 0
     state: str = "streaming"
     authorized: bool = True
+    client: str = ""  # the client's address and port: one per connection
 
 
 # --- request bodies ---------------------------------------------------------------------------
@@ -1064,8 +1066,16 @@ class _Upstream:
         except _BadRequest as exc:
             self.remember(_Record(call_id, path, "", "", state="failed", authorized=authorized))
             return _unauthorized() if not authorized else _bad_request(exc)
+        peer = request.client
         record = self.remember(
-            _Record(call_id, path, params.model, params.context[:200], authorized=authorized)
+            _Record(
+                call_id,
+                path,
+                params.model,
+                params.context[:200],
+                authorized=authorized,
+                client=f"{peer.host}:{peer.port}" if peer else "",
+            )
         )
         if not authorized:
             record.state = "failed"

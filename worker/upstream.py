@@ -1,6 +1,7 @@
 """The HTTP side of an upstream stream: requests for the call, sseclient-py for the events.
 
-One pooled ``requests.Session`` per worker process. The response is read in the chunks the network
+One pooled ``requests.Session`` per worker process; a stream that ended well leaves its
+connection in the pool for the next job. The response is read in the chunks the network
 delivers (``read1``), never byte by byte, and a hook runs before each blocking read so the caller
 can publish everything that arrived in the last one. ``UpstreamStream.abort`` may be called from
 another thread or greenlet: it shuts the socket down, which wakes a blocked read at once.
@@ -34,6 +35,10 @@ from worker.errors import (
 )
 
 READ_SIZE: Final = 64 * 1024
+# After the end marker, what is left of a body is read so the connection can serve the next job
+# (a TLS handshake saved per job): at most this long and this much, else the connection is shut.
+DRAIN_TIMEOUT: Final = 1.0
+DRAIN_LIMIT: Final = 64 * 1024
 _ERROR_BODY_LIMIT: Final = 64 * 1024
 _USER_AGENT: Final = "tokenrelay"
 
@@ -128,6 +133,7 @@ class UpstreamStream:
         self._before_read = before_read
         self._read_timeout = read_timeout
         self._sock = _socket_of(response)
+        self._ended = False
 
     def deltas(self) -> Iterator[Delta]:
         """Every delta until the stream's end marker; raise an ``UpstreamError`` on failure."""
@@ -139,6 +145,7 @@ class UpstreamStream:
                 exc.message = exc.message.replace(self._api_key, "[redacted]")
                 exc.args = (exc.message,)
             raise
+        self._ended = True
 
     def _chunks(self) -> Iterator[bytes]:
         raw = self.response.raw
@@ -165,8 +172,29 @@ class UpstreamStream:
                 self._sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        """Give the connection back to the pool if the stream ended well, else shut it."""
+        if self._ended and self._read_to_end():
+            self.response.raw.release_conn()
+            return
         self.abort()
         self.response.close()
+
+    def _read_to_end(self) -> bool:
+        """Read what follows the end marker (the end of the chunked body, normally already on
+        its way), waiting at most ``DRAIN_TIMEOUT``; True if the body ended cleanly."""
+        raw = self.response.raw
+        try:
+            if self._sock is not None:
+                self._sock.settimeout(min(DRAIN_TIMEOUT, self._read_timeout))
+            left = DRAIN_LIMIT
+            while left > 0:
+                data = raw.read1(READ_SIZE)
+                if not data:
+                    return True
+                left -= len(data)
+        except (urllib3.exceptions.HTTPError, OSError, ValueError):
+            pass
+        return False
 
 
 def parse_stream(chunks: Iterable[bytes], dialect: Dialect) -> Iterator[Delta]:
