@@ -522,3 +522,28 @@ def test_a_redelivered_message_of_a_running_or_finished_job_is_dropped(
     assert [e.type for e in events].count(EventType.START) == 1
     assert log_is_clean(fclient, job.id) == events
     assert token_text(events) == "".join(generate(prompt, 40)[0])
+
+
+def test_a_redis_error_before_the_claim_delivers_the_job_again(
+    faults: FaultFleet, fclient: Client
+) -> None:
+    # The running set holds the wrong type: the worker's first command for a job (ZADD, before
+    # the claim) fails at once. The delivery must come back, not leave the job queued for ever.
+    running = fclient.keys.running
+    saved = fclient.redis.zrange(running, 0, -1, withscores=True)
+    fclient.redis.delete(running)
+    fclient.redis.set(running, "not a sorted set")
+    try:
+        prompt = marker("redeliver")
+        job = fclient.submit(prompt=prompt, model="mock", max_tokens=10, follow=True)
+        logs = lambda: "".join(w.output() for w in faults.workers)  # noqa: E731
+        wait_for(lambda: f"job {job.id}: Redis failed" in logs(), 20, "no redelivery")
+        assert fclient.status(job.id).status is Status.QUEUED
+    finally:
+        fclient.redis.delete(running)
+        if saved:
+            fclient.redis.zadd(running, dict(saved))
+    events = list(job.events(timeout=30))
+    assert token_text(events) == "".join(generate(prompt, 10)[0])
+    assert [e.type for e in events].count(EventType.START) == 1
+    assert fclient.status(job.id).status is Status.DONE

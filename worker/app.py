@@ -28,6 +28,10 @@ app.conf.update(
     # A job is acknowledged only after it ended, and re-delivered if its worker died.
     task_acks_late=True,
     task_reject_on_worker_lost=True,
+    # A task that fails without a retry (e.g. the retry itself could not be published while
+    # Redis was away) is not acknowledged: the broker delivers it again after the visibility
+    # timeout, and CLAIM drops it if the job ran meanwhile.
+    task_acks_on_failure_or_timeout=False,
     worker_prefetch_multiplier=1,
     # Longer than any job may run, so the broker never hands a running job to a second worker.
     # kombu's Redis transport allows 10 connections by default; under gevent hundreds of

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
+import redis
+
 from producer import scripts
 from producer.protocol import EventType, StateField
 from producer.spec import InvalidJob, JobSpec
@@ -157,6 +159,10 @@ def _run_claimed(
         if str(stop) != "shutdown":
             raise
         return _hand_back(runtime, active, publisher)
+    except redis.RedisError:
+        # Publishing failed past the client's retries: no terminal event can be written now.
+        # The attempt is abandoned; its lease lapses and the job starts again (a restart).
+        raise
     except Exception:
         log.exception("job %s: unexpected failure", active.job_id)
         publisher.finish(EventType.ERROR, code="internal", message="the worker failed unexpectedly")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
+import redis
 from celery.signals import (
     worker_process_init,
     worker_ready,
@@ -19,9 +20,12 @@ from worker.app import app
 from worker.runner import run_job
 from worker.runtime import Runtime, log
 
+RETRY_BASE: Final = 0.5  # seconds before the first redelivery after a Redis error, doubling
+RETRY_CAP: Final = 30.0
 
-@app.task(name=TASK_NAME, ignore_result=True)  # type: ignore[untyped-decorator]
-def stream(job_id: str, spec: Mapping[str, Any] | None = None) -> str:
+
+@app.task(name=TASK_NAME, ignore_result=True, bind=True)  # type: ignore[untyped-decorator]
+def stream(self: Any, job_id: str, spec: Mapping[str, Any] | None = None) -> str:
     """Stream job ``job_id``; ``spec`` is its request (read from the job's state if omitted)."""
     try:
         validate_job_id(job_id)
@@ -29,7 +33,22 @@ def stream(job_id: str, spec: Mapping[str, Any] | None = None) -> str:
         # No key can be built from a bad id: nothing to publish to, so refuse loudly here.
         log.error("refused a job with an invalid id %r", str(job_id)[:80])
         return "invalid"
-    return run_job(Runtime.get(), job_id, spec)
+    try:
+        return run_job(Runtime.get(), job_id, spec)
+    except redis.RedisError as exc:
+        # Redis failed under this delivery (after the client's own retries). Before the claim
+        # the job would otherwise stay queued for ever; after it, its lease lapses. Deliver it
+        # again: CLAIM decides (a live lease drops the copy, a finished job too).
+        retries = self.request.retries
+        pause = min(RETRY_CAP, RETRY_BASE * 2**retries)
+        log.warning(
+            "job %s: Redis failed (%s); delivered again in %.1f s",
+            job_id,
+            type(exc).__name__,
+            pause,
+            extra={"job": job_id, "event": "job_redelivered"},
+        )
+        raise self.retry(exc=exc, countdown=pause, max_retries=None) from None
 
 
 @worker_shutting_down.connect  # type: ignore[untyped-decorator]
