@@ -37,6 +37,7 @@ def test_the_smoke_run_loses_nothing_and_prints_the_table() -> None:
         assert counts.tokens == counts.jobs * live.load.tokens, label
         assert live.latency.count == counts.tokens, label
         assert live.rate is not None and live.rate > 0, label
+        assert 1 <= live.peak_streams <= live.load.concurrency, label
     assert results.late and all(r.counts.clean for r in results.late)
     for fanout in results.fanout:
         assert fanout.connected == fanout.spec.readers

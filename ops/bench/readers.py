@@ -147,6 +147,17 @@ class Tally:
         end = min(last for _, last, _ in self.spans)
         return (start, end) if end > start else None
 
+    def peak_streams(self) -> int:
+        """The most jobs streaming at once, as the reader saw them (first to last token)."""
+        edges = sorted(
+            [(first, 1) for first, _, _ in self.spans] + [(last, -1) for _, last, _ in self.spans]
+        )
+        peak = now = 0
+        for _, step in edges:
+            now += step
+            peak = max(peak, now)
+        return peak
+
     def stream_rates(self) -> list[float]:
         """Each job's own rate, tokens/s between its first and last token."""
         return [

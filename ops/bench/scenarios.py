@@ -74,10 +74,13 @@ class LiveResult:
     wall_s: float
     job_ids: list[str]
     worker_problems: dict[str, int]  # what the worker's log reports, by kind
+    peak_streams: int = 0  # the most jobs streaming at once (max over runs)
 
     @property
     def rss_per_stream_kib(self) -> float:
-        return (self.rss_peak_kib - self.rss_idle_kib) / self.load.concurrency
+        return (self.rss_peak_kib - self.rss_idle_kib) / max(
+            1, self.peak_streams or self.load.concurrency
+        )
 
 
 def run_live(fleet: BenchFleet, load: Load, runs: int, concurrency: int) -> LiveResult:
@@ -161,6 +164,7 @@ async def _live(fleet: BenchFleet, worker_pid: int, load: Load, runs: int) -> Li
         wall_s=wall,
         job_ids=[job_id for t in tallies for job_id in t.job_ids],
         worker_problems={},
+        peak_streams=max(t.peak_streams() for t in tallies),
     )
 
 
