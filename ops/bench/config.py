@@ -37,6 +37,7 @@ class BenchConfig:
     publish_messages: int
     log_cost_batches: tuple[int, ...]
     log_cost_tokens: int
+    log_cost_pipelined: int  # calls per round trip in the flusher-like setup (0: not measured)
     parse_bodies: int
     parse_repeats: int
     profile: bool
@@ -68,6 +69,7 @@ class BenchConfig:
             publish_messages=200_000,
             log_cost_batches=(1, 10, 100),
             log_cost_tokens=20_000,
+            log_cost_pipelined=100,
             parse_bodies=50,
             parse_repeats=3,
             profile=True,
@@ -88,6 +90,7 @@ class BenchConfig:
             publish_messages=2_000,
             log_cost_batches=(1, 10),
             log_cost_tokens=1_000,
+            log_cost_pipelined=10,
             parse_bodies=2,
             parse_repeats=1,
             profile=False,

@@ -39,8 +39,12 @@ class Limits:
     def parse_rate(self, chunking: str) -> float | None:
         return self.parse.get(("parse_stream deltas", chunking))
 
-    def log_cost(self, method: str, batch: int) -> LogCost | None:
-        found = [c for c in self.log_costs if c.method == method and c.batch == batch]
+    def log_cost(self, method: str, batch: int, depth: int = 1) -> LogCost | None:
+        found = [
+            c
+            for c in self.log_costs
+            if c.method == method and c.batch == batch and c.depth == depth
+        ]
         return found[0] if found else None
 
 
@@ -73,7 +77,11 @@ def measure_redis(cfg: BenchConfig, workdir: Path, limits: Limits) -> None:
                 client.close()
         if cfg.log_cost_batches:
             limits.log_costs = log_costs(
-                port, cfg.log_cost_batches, cfg.log_cost_tokens, LOG_COST_METHODS
+                port,
+                cfg.log_cost_batches,
+                cfg.log_cost_tokens,
+                LOG_COST_METHODS,
+                pipelined=cfg.log_cost_pipelined,
             )
     finally:
         server.stop()

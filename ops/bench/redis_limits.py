@@ -136,6 +136,13 @@ class LogCost:
     client_rate: float  # tokens/s one redis-py connection achieves
     server_us_per_token: float  # Redis CPU per token (INFO used_cpu: I/O included)
     command_us_per_token: float  # Redis's time in the commands themselves (INFO commandstats)
+    depth: int = 1  # calls per round trip: >1 is the worker's flusher (one call per job, pipelined)
+
+    @property
+    def label(self) -> str:
+        if self.depth == 1:
+            return str(self.batch)
+        return f"{self.batch} per call, {self.depth} calls pipelined"
 
     @property
     def server_capacity(self) -> float:
@@ -163,11 +170,16 @@ class _Jobs:
         return [self.keys.channel(job_id) for job_id in self.ids]
 
 
-def _publish_tokens(client: redis.Redis, jobs: _Jobs, method: str, batch: int) -> Callable[[], int]:
-    """A function that publishes every job's tokens ``batch`` per round trip; returns tokens."""
+def _publish_tokens(
+    client: redis.Redis, jobs: _Jobs, method: str, batch: int, depth: int = 1
+) -> Callable[[], int]:
+    """A function that publishes every job's tokens ``batch`` per call and ``depth`` calls (of
+    as many jobs) per round trip; returns the tokens sent."""
     lua = client.register_script(
         scripts.PUBLISH if method == "lua-xadd-publish" else PUBLISH_ONLY_SCRIPT
     )
+    if depth > 1:
+        return _pipelined(client, jobs, method, batch, depth, lua.sha)
 
     def run() -> int:
         sent = 0
@@ -192,6 +204,39 @@ def _publish_tokens(client: redis.Redis, jobs: _Jobs, method: str, batch: int) -
     return run
 
 
+def _pipelined(
+    client: redis.Redis, jobs: _Jobs, method: str, batch: int, depth: int, sha: str
+) -> Callable[[], int]:
+    """As the worker's flusher sends: each round trip carries one call per job for ``depth``
+    jobs, each with the job's next ``batch`` tokens."""
+    if method != "publish":
+        client.script_load(scripts.PUBLISH if method == "lua-xadd-publish" else PUBLISH_ONLY_SCRIPT)
+
+    def run() -> int:
+        sent = 0
+        for first in range(0, len(jobs.ids), depth):
+            ids = jobs.ids[first : first + depth]
+            group = [(job_id, list(jobs.keys.job_keys(job_id))) for job_id in ids]
+            for start in range(0, TOKENS_PER_JOB, batch):
+                seqs = range(start, min(start + batch, TOKENS_PER_JOB))
+                pipe = client.pipeline(transaction=False)
+                for job_id, keys in group:
+                    payloads = [(seq, encode_token(job_id, seq, PAYLOAD_TEXT)) for seq in seqs]
+                    if method == "publish":
+                        for _, payload in payloads:
+                            pipe.publish(keys[2], payload)
+                    else:
+                        args: list[Any] = ["bench", 10_000, "PUBLISH", 600, len(payloads), 0]
+                        for seq, payload in payloads:
+                            args += (seq, payload)
+                        pipe.evalsha(sha, len(keys), *keys, *args)
+                    sent += len(payloads)
+                pipe.execute()
+        return sent
+
+    return run
+
+
 ROUNDS: Final = 4
 _COMMAND: Final = {"publish": "cmdstat_publish"}
 
@@ -204,24 +249,33 @@ def _command_usec(client: redis.Redis, method: str) -> float:
 
 
 def log_costs(
-    port: int, batches: Sequence[int], tokens: int, methods: Sequence[str]
+    port: int,
+    batches: Sequence[int],
+    tokens: int,
+    methods: Sequence[str],
+    pipelined: int = 0,
 ) -> list[LogCost]:
     """Each method at each batch size, over ``tokens`` tokens (ten times as many for batches of
-    10 and more) in 200-token jobs, with one subscriber on every job channel, as in real use.
-    The methods take turns in ``ROUNDS`` rounds, so a noisy moment does not hit one alone."""
+    10 and more) in 200-token jobs, with one subscriber on every job channel, as in real use;
+    with ``pipelined``, also one token per call and that many calls (jobs) per round trip, the
+    worker's flusher's way. The methods take turns in ``ROUNDS`` rounds, so a noisy moment does
+    not hit one alone."""
     client = redis.Redis(port=port, socket_timeout=30)
     results = []
+    setups = [(batch, 1) for batch in batches] + ([(1, pipelined)] if pipelined > 1 else [])
     try:
-        for batch in batches:
-            # Bigger batches are cheaper per token: more tokens keep the timing precise.
-            jobs_per_round = max(1, tokens * min(batch, 10) // TOKENS_PER_JOB // ROUNDS)
+        for batch, depth in setups:
+            # Cheaper setups per token: more tokens keep the timing precise.
+            jobs_per_round = max(
+                depth, tokens * min(max(batch, depth), 10) // TOKENS_PER_JOB // ROUNDS
+            )
             sums = {method: [0.0, 0.0, 0.0, 0.0] for method in methods}
             for round_ in range(ROUNDS):
                 for index, method in enumerate(methods):
-                    jobs = _Jobs(client, f"lc{index}b{batch}r{round_}", jobs_per_round)
+                    jobs = _Jobs(client, f"lc{index}b{batch}d{depth}r{round_}", jobs_per_round)
                     subscriber = Subscriber(port, jobs.channels())
                     try:
-                        run = _publish_tokens(client, jobs, method, batch)
+                        run = _publish_tokens(client, jobs, method, batch, depth)
                         client.config_resetstat()
                         cpu = _redis_cpu(client)
                         began = time.perf_counter()
@@ -236,7 +290,14 @@ def log_costs(
                     client.flushdb()
             for method, (total, seconds, cpu_s, command_us) in sums.items():
                 results.append(
-                    LogCost(method, batch, total / seconds, cpu_s / total * 1e6, command_us / total)
+                    LogCost(
+                        method,
+                        batch,
+                        total / seconds,
+                        cpu_s / total * 1e6,
+                        command_us / total,
+                        depth,
+                    )
                 )
     finally:
         client.close()
