@@ -18,7 +18,7 @@ from ops.bench.config import BenchConfig
 from ops.bench.report import render
 from ops.bench.run import run_bench
 
-SCENARIO_KEYS = ("1x0", "10x0", "100x0", "500x0", "1x20", "10x20", "100x20", "500x20")
+SCENARIO_KEYS = tuple(scenario.key for scenario in BenchConfig.full().live)
 OTHER_KEYS = ("late", "fanout", "limits", "profile")
 
 

@@ -17,7 +17,8 @@ class LiveScenario:
 
     @property
     def key(self) -> str:
-        return f"{self.load.concurrency}x{self.load.delay_ms:g}"
+        suffix = "-nolog" if self.load.without_log else ""
+        return f"{self.load.concurrency}x{self.load.delay_ms:g}{suffix}"
 
     @property
     def estimate_s(self) -> float:
@@ -56,6 +57,9 @@ class BenchConfig:
             LiveScenario(Load(c, 0, TOKENS, duration, warmup), runs)
             for c, (duration, warmup, runs) in loop.items()
         ] + [LiveScenario(Load(c, 20, TOKENS), runs) for c, runs in waves.items()]
+        # The same full-speed load as 100 x 0 with the log left out: the log's end-to-end cost.
+        duration, warmup, runs = loop[100]
+        live.append(LiveScenario(Load(100, 0, TOKENS, duration, warmup, without_log=True), runs))
         return cls(
             live=tuple(live),
             late_readers=(100, 500),

@@ -25,6 +25,7 @@ from producer.devservers import (
     mock_upstream,
     start_worker,
     wait_until,
+    worker_args,
 )
 from producer.fleet import live_workers
 from producer.protocol import Keys
@@ -49,6 +50,21 @@ try:
 finally:
     profiler.disable()
     profiler.dump_stats({path!r})
+"""
+
+
+# The worker with its publish script's XADD line removed: everything else (fencing, state,
+# PUBLISH) as in production.
+_WITHOUT_LOG = """
+import sys
+from producer import scripts
+scripts.PUBLISH = "\\n".join(
+    line for line in scripts.PUBLISH.splitlines() if "'XADD'" not in line
+)
+assert "XADD" not in scripts.PUBLISH
+sys.argv = ["celery", *sys.argv[1:]]
+from celery.__main__ import main
+main()
 """
 
 
@@ -170,13 +186,22 @@ class BenchFleet:
 
     # --- worker and gateway -----------------------------------------------------------------
 
-    def start_worker(self, concurrency: int) -> Process:
-        """A fresh worker process (the previous one, if any, is stopped first)."""
+    def start_worker(self, concurrency: int, *, without_log: bool = False) -> Process:
+        """A fresh worker process (the previous one, if any, is stopped first); with
+        ``without_log`` its publish script leaves out the XADD (the log's cost, measured)."""
         self.stop_worker()
         self._workers_started += 1
         log = self.workdir / f"worker-{self._workers_started}.log"
         name = f"bench{self._workers_started}@%h"
-        worker = start_worker(self.worker_env, concurrency=concurrency, name=name, log_path=log)
+        if without_log:
+            # ``python -m celery ARGS`` with the script patched first (before Celery starts and
+            # patches the standard library for gevent; producer.scripts imports nothing).
+            args = worker_args(concurrency, name=name)
+            assert args[1:3] == ["-m", "celery"], args
+            args = [args[0], "-c", _WITHOUT_LOG, *args[3:]]
+            worker = Process(args, env=self.worker_env, log_path=log)
+        else:
+            worker = start_worker(self.worker_env, concurrency=concurrency, name=name, log_path=log)
         self._started.append(worker)
         self.worker = worker
         client = self.redis()

@@ -290,6 +290,8 @@ class Load:
     tokens: int
     duration_s: float = 0.0
     warmup_s: float = 0.0
+    #: The worker's publish script without its XADD (no log): what the log costs end to end.
+    without_log: bool = False
 
     @property
     def closed(self) -> bool:
@@ -306,7 +308,8 @@ class Load:
 
     @property
     def label(self) -> str:
-        return f"{self.concurrency} x {self.delay_ms:g} ms"
+        suffix = ", no log" if self.without_log else ""
+        return f"{self.concurrency} x {self.delay_ms:g} ms{suffix}"
 
 
 MIN_WINDOW_S: Final = 0.3

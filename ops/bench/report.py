@@ -111,6 +111,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _key(result: LiveResult) -> str:
+    """The raw upstream limit's key: the same load, with or without the log."""
     return f"{result.load.concurrency}x{result.load.delay_ms:g}"
 
 
@@ -532,6 +533,16 @@ def targets(results: BenchResults) -> list[tuple[str, str, bool | None]]:
                 "100 jobs at once, upstream at full speed: >= 30,000 tok/s end to end",
                 f"{_n(full.rate)} tok/s",
                 full.rate is not None and full.rate >= 30_000,
+            )
+        )
+    without = results.live_result("100x0-nolog")
+    if full is not None and without is not None and full.rate and without.rate:
+        ratio = full.rate / without.rate
+        out.append(
+            (
+                "the log costs <= 1/3 of end-to-end throughput (100 x 0 ms, with vs without it)",
+                f"{_n(full.rate)} tok/s with the log, {_n(without.rate)} without: {ratio:.2f}",
+                ratio >= 2 / 3,
             )
         )
     # Paced waves only: their jobs live long enough for the streams to be held at once (at full

@@ -85,7 +85,7 @@ class LiveResult:
 
 def run_live(fleet: BenchFleet, load: Load, runs: int, concurrency: int) -> LiveResult:
     """``runs`` repetitions of ``load`` on a fresh worker with ``concurrency`` greenlets."""
-    worker = fleet.start_worker(concurrency)
+    worker = fleet.start_worker(concurrency, without_log=load.without_log)
     result = asyncio.run(_live(fleet, worker.pid, load, runs))
     result.worker_problems = worker_problems(fleet.worker_log())
     return result
