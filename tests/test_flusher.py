@@ -124,6 +124,7 @@ def test_a_stream_whose_job_was_taken_over_is_fenced_and_told(
         publisher.flush()
     log = client.xrange(Keys(prefix).log("fenced"))
     assert [fields[b"e"].count(b'"text"') for _, fields in log] == [1]
+    assert publisher.tokens == 1  # the refused batch is not counted as published
 
 
 def test_a_cancel_request_reaches_the_stream_through_the_publish_reply(

@@ -229,12 +229,13 @@ class Flusher:
 
     @staticmethod
     def _confirm(box: Outbox, reply: int, began: float) -> int:
+        """Apply one script reply to its box; return the tokens Redis took."""
         inflight = box.inflight
-        tokens = sum(t for _, _, t in inflight)
+        tokens = 0 if reply == -1 else sum(t for _, _, t in inflight)
         if inflight:
             box.acked_seq = inflight[-1][0]
         box.inflight = []
-        if box.on_confirmed is not None:
+        if tokens and box.on_confirmed is not None:
             box.on_confirmed(tokens, began)
         signal = None
         if reply == -1:

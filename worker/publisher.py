@@ -212,19 +212,13 @@ class JobPublisher:
         result = self._script(keys=self._keys, args=args)
         now = time.monotonic()
         metrics.PUBLISH.observe(now - began)
-        if tokens:
-            metrics.TOKENS.inc(tokens)
-            if self._last_tokens_at is None:
-                self._first_tokens_at = began
-                metrics.TTFT.observe(began - self.started)
-            else:
-                metrics.GAP.observe(began - self._last_tokens_at)
-            self._last_tokens_at = began
         self._pending, self._pending_tokens = [], 0
         if result == -1:
             self.finished = True
             raise Fenced(f"job {self.job_id}: another attempt owns it")
-        self.tokens += tokens
+        if tokens:
+            metrics.TOKENS.inc(tokens)
+            self._confirmed(tokens, began)
         self.cancel_requested = self.cancel_requested or result == 1
 
 
