@@ -1,12 +1,24 @@
-"""The worker's upstream connections are pooled: a stream that ended well leaves its connection
-for the next job (one TLS handshake saved per job on a real API); a broken one is not reused."""
+"""The worker's upstream HTTP client: connections are pooled (a stream that ended well leaves its
+connection for the next job, one TLS handshake saved per job on a real API; a broken one is not
+reused), and an event stream compressed on the way is decoded as it arrives."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import threading
+import time
+import zlib
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
 
+from producer.devservers import free_port
 from producer.spec import JobSpec
 from tests.conftest import Mock
 from worker import dialects
@@ -57,3 +69,48 @@ def test_a_broken_stream_is_not_reused(mock: Mock, api_key: str) -> None:
         client.close()
     assert text
     assert mock.record(marker)["client"] != broken["client"]
+
+
+@pytest.fixture(scope="module")
+def gzip_upstream() -> Iterator[str]:
+    """An upstream (or a proxy in front of it) that compresses its event stream whatever the
+    client asked for, flushing the compressor after every event."""
+
+    async def inference(request: Request) -> Response:
+        seen.append(request.headers.get("accept-encoding", ""))
+
+        async def body() -> AsyncIterator[bytes]:
+            gzip = zlib.compressobj(wbits=31)
+            for text in ["Al", "an", " Tu", "ring"]:
+                event = f'data: {{"choices":[{{"text":"{text}"}}]}}\n\n'.encode()
+                yield gzip.compress(event) + gzip.flush(zlib.Z_SYNC_FLUSH)
+                await asyncio.sleep(0.01)
+            yield gzip.compress(b"data: [DONE]\n\n") + gzip.flush()
+
+        return StreamingResponse(
+            body(), media_type="text/event-stream", headers={"Content-Encoding": "gzip"}
+        )
+
+    seen: list[str] = []
+    app = Starlette(routes=[Route("/inference", inference, methods=["POST"])])
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+    assert seen and all(value == "identity" for value in seen), seen
+
+
+def test_a_compressed_event_stream_is_decoded_as_it_arrives(gzip_upstream: str) -> None:
+    client = UpstreamClient(gzip_upstream, None, connect_timeout=2, read_timeout=5)
+    try:
+        text, _ = _stream(client, "together", "mock")
+    finally:
+        client.close()
+    assert text == "Alan Turing"

@@ -86,7 +86,12 @@ class UpstreamClient:
         read_timeout: float | None = None,
     ) -> UpstreamStream:
         """Send the job's request; raise an ``UpstreamError`` unless the stream began."""
-        headers = {"Accept": "text/event-stream", "User-Agent": _USER_AGENT}
+        headers = {
+            "Accept": "text/event-stream",
+            # The body is read raw, in the chunks the network gives: never compressed.
+            "Accept-Encoding": "identity",
+            "User-Agent": _USER_AGENT,
+        }
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         timeout = (self.connect_timeout, read_timeout or self.read_timeout)
@@ -134,6 +139,8 @@ class UpstreamStream:
         self._read_timeout = read_timeout
         self._sock = _socket_of(response)
         self._ended = False
+        # Asked for an uncompressed body; one compressed anyway is decoded as it arrives.
+        response.raw.decode_content = True
 
     def deltas(self) -> Iterator[Delta]:
         """Every delta until the stream's end marker; raise an ``UpstreamError`` on failure."""
