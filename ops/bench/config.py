@@ -67,6 +67,8 @@ class BenchConfig:
                 FanoutSpec(1000, 20, 1000, 10),
                 FanoutSpec(1000, 20, 200, 50),
                 FanoutSpec(1000, 20, 50, 100),
+                FanoutSpec(1000, 20, 1000, 10, spread=True),
+                FanoutSpec(1000, 20, 200, 50, spread=True),
             ),
             raw_upstream=True,
             redis_benchmark_requests=2_000_000,

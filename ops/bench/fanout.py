@@ -38,10 +38,14 @@ class FanoutSpec:
     jobs: int
     delay_ms: float
     tokens: int
+    #: Start the jobs evenly over one token interval instead of all at once, so their tokens
+    #: do not arrive in the same millisecond (as independent jobs' tokens do not).
+    spread: bool = False
 
     @property
     def label(self) -> str:
-        return f"{self.readers} SSE readers of {self.jobs} jobs x {self.delay_ms:g} ms"
+        label = f"{self.readers} SSE readers of {self.jobs} jobs x {self.delay_ms:g} ms"
+        return label + (", starts spread" if self.spread else "")
 
     @property
     def ideal(self) -> float:
@@ -178,7 +182,10 @@ async def _fan_out(
     await asyncio.sleep(0.5)  # let the gateway's subscriptions settle
     meter = CpuMeter(fleet.pids())
     started = time.time_ns()
-    for job_id, job_spec in jobs:
+    gap = spec.delay_ms / 1000 / len(jobs) if spec.spread else 0.0
+    for index, (job_id, job_spec) in enumerate(jobs):
+        if gap:
+            await asyncio.sleep(max(0.0, started / 1e9 + index * gap - time.time()))
         await asyncio.to_thread(enqueuer.send, job_id, job_spec)
     _, pending = await asyncio.wait(tasks, timeout=spec.timeout + CONNECT_LIMIT_S)
     tally.failed += len(pending)

@@ -332,6 +332,7 @@ def _fanout_row(f: FanoutResult) -> list[str]:
         str(f.connected),
         str(s.jobs),
         f"{s.delay_ms:g}",
+        "spread" if s.spread else "together",
         _n(f.rate),
         _pct(f.rate, s.ideal),
         _ms(f.latency.p50),
@@ -351,6 +352,7 @@ def _section_fanout(results: BenchResults) -> str:
         "connected",
         "jobs",
         "ms between tokens",
+        "job starts",
         "frames/s",
         "% ideal",
         "lat p50 ms",
@@ -367,7 +369,10 @@ def _section_fanout(results: BenchResults) -> str:
         "HTTP/1.1 client in the bench process), connected before the jobs start, so every "
         "token is live. Latency: upstream stamp to the reader's socket read, i.e. worker, "
         "Redis and gateway together. Redis connections: `CLIENT LIST` entries named "
-        "`tokenrelay-gateway`, sampled every 250 ms."
+        "`tokenrelay-gateway`, sampled every 250 ms. Job starts: `together`, all jobs "
+        "submitted at once, so their tokens reach the gateway in the same millisecond (the "
+        "worst case: one burst of as many frames as readers); `spread`, submitted evenly over "
+        "one token interval, as independent jobs are."
     )
     rows = [_fanout_row(f) for f in results.fanout]
     return "\n".join(["## Gateway fan-out", "", text, "", table(headers, rows)])
