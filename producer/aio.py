@@ -46,7 +46,12 @@ from producer.settings import Settings
 log = logging.getLogger("tokenrelay.producer")
 
 LOG_BATCH: Final = 1000
+#: How often a reader without a confirmed subscription reads the log.
 POLL_INTERVAL: Final = 1.0
+#: With a confirmed subscription live messages cannot be missed (a reconnect or a resubscribe
+#: makes every reader catch up from the log once the subscription is back): the log is read
+#: after this long without a live message only as a backstop.
+IDLE_POLL: Final = 5.0
 BUFFER: Final = 1024  # live messages held per reader before it falls back to the log
 
 
@@ -84,6 +89,7 @@ class _Listener:
 
     def __init__(self, size: int, stats: dict[str, int], loop: asyncio.AbstractEventLoop) -> None:
         self.overflowed = False
+        self.live = False  # the channel's subscription is confirmed on the current connection
         self._items: list[_Live | None] = []
         self._size = size
         self._stats = stats
@@ -199,6 +205,7 @@ class Multiplexer:
             try:
                 async with asyncio.timeout(10):
                     await asyncio.shield(confirmed)
+                listener.live = True
             except TimeoutError:
                 listener.gap()  # unconfirmed: poll the log until live messages flow
         return listener
@@ -288,14 +295,17 @@ class Multiplexer:
                         listener.offer(item)
             elif kind in ("subscribe", "ssubscribe"):
                 future = self._confirmed.get(name)
+                listeners = self._listeners.get(name, set())
                 if future is not None and not future.done():
                     future.set_result(None)
                 else:
-                    # redis-py reconnected and subscribed again by itself: whatever was
+                    # Subscribed again (after a reconnect, ours or redis-py's): whatever was
                     # published meanwhile is only in the log.
                     self.stats["resubscribes"] += 1
-                    for listener in tuple(self._listeners.get(name, ())):
+                    for listener in listeners:
                         listener.gap()
+                for listener in listeners:
+                    listener.live = True
 
     async def _reconnect(self) -> None:
         self.stats["reconnects"] += 1
@@ -307,6 +317,7 @@ class Multiplexer:
             channels = list(self._listeners)
             for channel in channels:
                 for listener in self._listeners[channel]:
+                    listener.live = False
                     listener.gap()
             if channels:
                 await self._send_subscribe(channels)
@@ -465,7 +476,7 @@ class AsyncJob:
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while not self.done:
-                wait = POLL_INTERVAL
+                wait = IDLE_POLL
                 if deadline is not None and self._started:
                     wait = min(wait, deadline - time.monotonic())
                     if wait <= 0:
@@ -475,11 +486,12 @@ class AsyncJob:
         finally:
             await self.close()
 
-    async def next_events(self, wait: float = POLL_INTERVAL) -> list[Published]:
+    async def next_events(self, wait: float = IDLE_POLL) -> list[Published]:
         """The next events, in order and each once, with the bytes they were published as: all
         that are ready, else those that come within ``wait`` seconds; ``[]`` if none came or
-        the job is ``done``. Waits at most ``POLL_INTERVAL``, then reads the log in case a live
-        message was lost. The sequencer and the transcript count an event when it is returned.
+        the job is ``done``. Waits at most ``IDLE_POLL`` (``POLL_INTERVAL`` while the
+        subscription is not confirmed), then reads the log in case a live message was lost.
+        The sequencer and the transcript count an event when it is returned.
         The caller closes the job (``events`` does it itself)."""
         await self.open()
         assert self._listener is not None
@@ -490,7 +502,7 @@ class AsyncJob:
         if self._behind:
             return await self._catch_up()
         listener = self._listener
-        if not await listener.wait(min(wait, POLL_INTERVAL)):
+        if not await listener.wait(min(wait, IDLE_POLL if listener.live else POLL_INTERVAL)):
             return await self._catch_up()
         out: list[Published] = []
         sequencer = self.sequencer

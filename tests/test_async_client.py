@@ -8,9 +8,10 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 import redis
 
-from producer import AsyncClient, EventType, JobFailedError
+from producer import AsyncClient, EventType, JobFailedError, aio
 from producer.aio import _Listener, _Live
 from producer.mock_upstream import generate
 from producer.protocol import LOG_FIELD, Event, Keys, encode, log_entry_id, make_event
@@ -198,6 +199,62 @@ def test_events_the_channel_lost_come_from_the_log(fleet: Fleet, redis_server: A
 
     try:
         assert run(fleet, body) == written
+    finally:
+        admin.close()
+
+
+def test_events_published_while_the_subscription_was_down_arrive_once_it_is_back(
+    fleet: Fleet, redis_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killing the reader's pub/sub connection loses the messages published until it has
+    subscribed again; the reader catches up from the log as soon as it has, not at its next
+    idle poll (made longer than the test here)."""
+    monkeypatch.setattr(aio, "IDLE_POLL", 600.0)
+    keys = Keys(fleet.settings.prefix)
+    job_id = "kill-" + secrets.token_hex(4)
+    name = "reader-" + secrets.token_hex(3)
+    admin = redis.Redis(port=redis_server.port)
+    written = [
+        make_event(job_id, 0, EventType.START, attempt=1),
+        make_event(job_id, 1, EventType.TOKEN, text="before "),
+        make_event(job_id, 2, EventType.TOKEN, text="while it was down"),
+        make_event(job_id, 3, EventType.DONE, finish_reason="stop"),
+    ]
+
+    def publish(event: Event) -> None:
+        data = encode(event)
+        admin.xadd(keys.log(job_id), {LOG_FIELD: data}, id=log_entry_id(event.seq))
+        admin.publish(keys.channel(job_id), data)
+
+    admin.hset(keys.state(job_id), "status", "running")
+    admin.expire(keys.state(job_id), 60)
+    publish(written[0])
+    admin.expire(keys.log(job_id), 60)
+
+    async def body(client: AsyncClient) -> list[Event]:
+        job = await client.subscribe(job_id)
+        events: list[Event] = []
+
+        async def read() -> None:
+            async for event in job.events():  # no deadline: its end would read the log too
+                events.append(event)
+
+        reader = asyncio.create_task(read())
+        publish(written[1])
+        while len(events) < 2:
+            await asyncio.sleep(0.01)
+        (ours,) = [
+            c for c in admin.client_list() if c.get("name") == name and "P" in c.get("flags", "")
+        ]
+        admin.client_kill_filter(_id=ours["id"])
+        for event in written[2:]:
+            publish(event)  # nobody subscribed: only the log has these
+        async with asyncio.timeout(20):  # far below IDLE_POLL
+            await reader
+        return events
+
+    try:
+        assert run(fleet, body, client_name=name) == written
     finally:
         admin.close()
 
