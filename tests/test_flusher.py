@@ -37,6 +37,9 @@ def setup(redis_server: RedisServer, prefix: str) -> Iterator[tuple[redis.Redis,
     yield client, flusher, reader
     flusher.stop()
     reader.close()
+    # The session's Redis is shared: leave no key of this test's namespace behind.
+    for key in client.scan_iter(f"{prefix}:*", count=1000):
+        client.delete(key)
     client.close()
 
 
