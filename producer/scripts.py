@@ -27,15 +27,20 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-# KEYS: state, lease. ARGV: owner, lease_ms, now_ms.
+# KEYS: state, lease[, running]. ARGV: owner, lease_ms, now_ms[, job id].
 # Returns {outcome, attempt, last_seq, cancel_flag}; outcome in claimed|missing|finished|busy.
+# With the running set (a single Redis: on a cluster it is on another slot and the worker keeps
+# it itself), a claimed job is added to it, scored by now, before anything else is written (a
+# failing ZADD leaves the job untouched), and a missing or finished one is removed from it.
 CLAIM: Final = """
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {'missing', 0, -1, 0} end
-if status == 'done' or status == 'error' or status == 'cancelled' then
+if not status or status == 'done' or status == 'error' or status == 'cancelled' then
+  if KEYS[3] then redis.call('ZREM', KEYS[3], ARGV[4]) end
+  if not status then return {'missing', 0, -1, 0} end
   return {'finished', 0, -1, 0}
 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {'busy', 0, -1, 0} end
+if KEYS[3] then redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4]) end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'owner', ARGV[1], 'started', ARGV[3], 'tokens', 0)
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
@@ -44,11 +49,13 @@ local cancel = redis.call('HEXISTS', KEYS[1], 'cancel')
 return {'claimed', attempt, seq, cancel}
 """
 
-# KEYS: state, log, channel, lease.
+# KEYS: state, log, channel, lease[, running].
 # ARGV: owner, lease_ms, publish command, ttl, tokens added, n (number of final field args),
 #       n final field/value args, then seq/payload pairs.
 # With n > 0 the batch ends the job: status and the final fields are written, the lease is
-# dropped and the keys expire after ttl. Returns -1 if not the owner, else the cancel flag.
+# dropped, the keys expire after ttl and, given the running set (single Redis), the job leaves
+# it (its id is the hash tag of the state key). Returns -1 if not the owner, else the cancel
+# flag.
 PUBLISH: Final = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return -1 end
 local last = tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1')
@@ -69,6 +76,7 @@ if n > 0 then
   redis.call('DEL', KEYS[4])
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   redis.call('EXPIRE', KEYS[2], ARGV[4])
+  if KEYS[5] then redis.call('ZREM', KEYS[5], string.match(KEYS[1], '{([^}]*)}')) end
   return 0
 end
 return redis.call('HEXISTS', KEYS[1], 'cancel')

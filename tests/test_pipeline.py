@@ -176,6 +176,19 @@ def test_fifty_jobs_at_once_complete_and_run_concurrently(client: Client) -> Non
     assert running_then == 50, f"only {running_then} of 50 jobs overlapped"
 
 
+def test_a_job_is_in_the_running_set_exactly_while_it_runs(client: Client) -> None:
+    # Reapers watch the running set: a job joins it when claimed and leaves it when it ends.
+    job = client.submit(marker("running"), model="mock?delay_ms=40", max_tokens=25, follow=True)
+    running = lambda: job.id.encode() in client.redis.zrange(client.keys.running, 0, -1)  # noqa: E731
+    events = job.events(timeout=30)
+    assert next(events).type is EventType.START
+    assert running()
+    assert [e.type for e in events][-1] is EventType.DONE
+    # The same script call that published the terminal event took the job out (not a reaper,
+    # which would only do so up to a second later).
+    assert not running()
+
+
 def test_cancel_mid_stream_closes_the_upstream_and_nothing_follows(
     client: Client, mock: Mock
 ) -> None:

@@ -58,7 +58,8 @@ class Outbox:
     def __init__(self, flusher: Flusher, keys: Iterable[str], head: Iterable[object]) -> None:
         self.flusher = flusher
         # EVALSHA's fixed arguments after the command name and SHA: numkeys, keys, the head.
-        fixed = [b"4", *(_utf8(k) for k in keys), *(_utf8(a) for a in head)]
+        key_list = [_utf8(k) for k in keys]
+        fixed = [b"%d" % len(key_list), *key_list, *(_utf8(a) for a in head)]
         self.fixed = b"".join(bulk(a) for a in fixed)
         self.fixed_count = len(fixed)
         self.events: deque[tuple[int, bytes, int]] = deque()

@@ -64,10 +64,23 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def claim(scripts_: Scripts, keys: Keys, job_id: str, owner: str, lease_ms: int) -> Claim:
-    outcome, attempt, seq, cancel = scripts_.claim(
-        keys=[keys.state(job_id), keys.lease(job_id)], args=[owner, lease_ms, now_ms()]
-    )
+def claim(
+    scripts_: Scripts,
+    keys: Keys,
+    job_id: str,
+    owner: str,
+    lease_ms: int,
+    *,
+    track: bool = False,
+) -> Claim:
+    """Take the job for a new attempt; with ``track`` (a single Redis) the script keeps the
+    running set too: the job joins it when claimed and leaves it when missing or finished."""
+    script_keys = [keys.state(job_id), keys.lease(job_id)]
+    args: list[Any] = [owner, lease_ms, now_ms()]
+    if track:
+        script_keys.append(keys.running)
+        args.append(job_id)
+    outcome, attempt, seq, cancel = scripts_.claim(keys=script_keys, args=args)
     name = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
     return Claim(name, int(attempt), int(seq), bool(cancel))
 
@@ -94,7 +107,8 @@ class JobPublisher:
         self._head = [owner, lease_ms, publish_command, ttl]
         self._box: Outbox | None = None
         if flusher is not None:
-            self._box = flusher.outbox(self._keys, self._head)
+            # A single Redis: the final batch also takes the job out of the running set.
+            self._box = flusher.outbox([*self._keys, keys.running], self._head)
             self._box.on_signal = on_signal
             self._box.on_confirmed = self._confirmed
         self.job_id = job_id

@@ -45,17 +45,22 @@ def run_job(runtime: Runtime, job_id: str, spec_data: Mapping[str, Any] | None) 
         log.info("job %s: not run, this worker is stopping; re-enqueued", job_id)
         return "requeued"
     owner = runtime.new_owner()
-    # Registered before the claim, so a reaper sees the job even if this worker dies right after.
-    runtime.redis.zadd(keys.running, {job_id: now_ms()})
-    taken = claim(runtime.scripts, keys, job_id, owner, runtime.lease_ms)
+    # The running set is what reapers watch. On a single Redis the claim and the final publish
+    # keep it (atomically, no extra round trip); on a cluster it lives on another shard: the job
+    # is registered before the claim, so a reaper sees it even if this worker dies right after.
+    tracked = runtime.flusher is not None
+    if not tracked:
+        runtime.redis.zadd(keys.running, {job_id: now_ms()})
+    lease_ms = runtime.lease_ms
+    taken = claim(runtime.scripts, keys, job_id, owner, lease_ms, track=tracked)
     if taken.outcome == "missing" and spec_data is not None:
         # Enqueued by a plain Celery client that did not create the job's state first.
         _create_state(runtime, job_id, spec_data)
-        taken = claim(runtime.scripts, keys, job_id, owner, runtime.lease_ms)
+        taken = claim(runtime.scripts, keys, job_id, owner, lease_ms, track=tracked)
     if taken.outcome != "claimed":
         # Finished, or running elsewhere under a live lease: this delivery is dropped (and
         # acknowledged), so a redelivered message never runs a job twice.
-        if taken.outcome in ("finished", "missing"):
+        if taken.outcome in ("finished", "missing") and not tracked:
             runtime.redis.zrem(keys.running, job_id)
         log.info("job %s: not run, %s", job_id, taken.outcome)
         return taken.outcome
@@ -84,7 +89,7 @@ def run_job(runtime: Runtime, job_id: str, spec_data: Mapping[str, Any] | None) 
     outcome = "error"
     try:
         outcome = _run_claimed(runtime, active, publisher, taken.attempt, taken.cancel, spec_data)
-        if publisher.finished and outcome != "fenced":
+        if publisher.finished and outcome != "fenced" and not tracked:
             runtime.redis.zrem(keys.running, job_id)
         return outcome
     finally:
