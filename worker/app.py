@@ -47,3 +47,6 @@ app.conf.update(
     worker_send_task_events=False,
     task_send_sent_event=False,
 )
+if settings.broker_url.startswith("redis://"):
+    # kombu's Redis transport with one client for its per-message commands (worker/broker.py).
+    app.conf.broker_transport = "worker.broker:Transport"
