@@ -205,7 +205,7 @@ class Event:
 
 
 _RESERVED: Final = frozenset({"v", "job", "seq", "type"})
-_TYPE_NAMES: Final = frozenset(t.value for t in EventType)
+_TYPES: Final[Mapping[str, EventType]] = {t.value: t for t in EventType}
 # Fields each type must carry, with their JSON types.
 _REQUIRED: Final[Mapping[EventType, Mapping[str, type | tuple[type, ...]]]] = {
     EventType.START: {"attempt": int},
@@ -269,17 +269,15 @@ def decode(data: bytes | str) -> Event:
     if type(version) is not int or version != VERSION:
         raise ProtocolError(f"v: unsupported protocol version {_shown(obj.get('v'))}")
     job = obj.get("job")
-    try:
-        validate_job_id(job)
-    except ProtocolError:
-        raise ProtocolError("job: not a valid job id") from None
+    if type(job) is not str or not JOB_ID_PATTERN.fullmatch(job):
+        raise ProtocolError("job: not a valid job id")
     seq = obj.get("seq")
-    if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_SEQ:
+    if type(seq) is not int or not 0 <= seq <= MAX_SEQ:  # a bool is not an int here
         raise ProtocolError(f"seq: must be an integer from 0 to {MAX_SEQ}")
     type_name = obj.get("type")
-    if not isinstance(type_name, str) or type_name not in _TYPE_NAMES:
+    type_ = _TYPES.get(type_name) if type(type_name) is str else None
+    if type_ is None:
         raise ProtocolError(f"type: unknown event type {_shown(type_name)}")
-    type_ = EventType(type_name)
     for name, kind in _REQUIRED[type_].items():
         value = obj.get(name)
         if not isinstance(value, kind) or isinstance(value, bool):
