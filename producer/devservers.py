@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -199,6 +199,31 @@ def http_answers(url: str) -> bool:
         return exc.code < 500  # it answered, if only to refuse (e.g. 401 without a key)
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def asgi_in_thread(app: Any, *, timeout: float = 10.0) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn on a free loopback port, in a thread of this process
+    (small stand-in upstreams in tests); yield its base URL; stop it on exit."""
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"asgi-{port}", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError(f"the app did not start serving on port {port}")
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
 
 
 def mock_upstream(

@@ -6,19 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import threading
-import time
 import zlib
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from producer.devservers import free_port
+from producer.devservers import asgi_in_thread
 from producer.spec import JobSpec
 from tests.conftest import Mock
 from worker import dialects
@@ -93,17 +90,8 @@ def gzip_upstream() -> Iterator[str]:
 
     seen: list[str] = []
     app = Starlette(routes=[Route("/inference", inference, methods=["POST"])])
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with asgi_in_thread(app) as url:
+        yield url
     assert seen and all(value == "identity" for value in seen), seen
 
 

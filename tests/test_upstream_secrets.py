@@ -3,19 +3,16 @@ error messages, and neither must ``repr`` of the settings or the client."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from producer.devservers import free_port
+from producer.devservers import asgi_in_thread
 from producer.settings import Settings
 from producer.spec import JobSpec
 from worker import dialects
@@ -50,17 +47,8 @@ def echo_upstream() -> Iterator[str]:
             Route("/v1/completions", error_mid_stream, methods=["POST"]),
         ]
     )
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with asgi_in_thread(app) as url:
+        yield url
 
 
 def spec(dialect: str) -> JobSpec:
