@@ -17,8 +17,7 @@ class LiveScenario:
 
     @property
     def key(self) -> str:
-        suffix = "-nolog" if self.load.without_log else ""
-        return f"{self.load.concurrency}x{self.load.delay_ms:g}{suffix}"
+        return self.load.key
 
     @property
     def estimate_s(self) -> float:
@@ -60,6 +59,8 @@ class BenchConfig:
         # The same full-speed load as 100 x 0 with the log left out: the log's end-to-end cost.
         duration, warmup, runs = loop[100]
         live.append(LiveScenario(Load(100, 0, TOKENS, duration, warmup, without_log=True), runs))
+        # The 500-stream wave again on two worker processes: how the figures scale with workers.
+        live.append(LiveScenario(Load(500, 20, TOKENS, workers=2), waves[500]))
         return cls(
             live=tuple(live),
             late_readers=(100, 500),

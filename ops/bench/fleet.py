@@ -105,7 +105,7 @@ class BenchFleet:
         self.redis_server = RedisServer(directory=workdir / "redis")
         self.mock: Process | None = None
         self.mock_url = ""
-        self.worker: Process | None = None
+        self.workers: list[Process] = []
         self.gateway: Process | None = None
         self.gateway_url = ""
         self._started: list[_Stoppable] = []
@@ -186,47 +186,61 @@ class BenchFleet:
 
     # --- worker and gateway -----------------------------------------------------------------
 
-    def start_worker(self, concurrency: int, *, without_log: bool = False) -> Process:
-        """A fresh worker process (the previous one, if any, is stopped first); with
-        ``without_log`` its publish script leaves out the XADD (the log's cost, measured)."""
+    def start_worker(
+        self, concurrency: int, *, without_log: bool = False, count: int = 1
+    ) -> Process:
+        """Fresh worker processes, ``count`` of them (those before are stopped first); with
+        ``without_log`` their publish script leaves out the XADD (the log's cost, measured).
+        Returns the first."""
         self.stop_worker()
-        self._workers_started += 1
-        log = self.workdir / f"worker-{self._workers_started}.log"
-        name = f"bench{self._workers_started}@%h"
-        if without_log:
-            # ``python -m celery ARGS`` with the script patched first (before Celery starts and
-            # patches the standard library for gevent; producer.scripts imports nothing).
-            args = worker_args(concurrency, name=name)
-            assert args[1:3] == ["-m", "celery"], args
-            args = [args[0], "-c", _WITHOUT_LOG, *args[3:]]
-            worker = Process(args, env=self.worker_env, log_path=log)
-        else:
-            worker = start_worker(self.worker_env, concurrency=concurrency, name=name, log_path=log)
-        self._started.append(worker)
-        self.worker = worker
+        for _ in range(count):
+            self._workers_started += 1
+            log = self.workdir / f"worker-{self._workers_started}.log"
+            name = f"bench{self._workers_started}@%h"
+            if without_log:
+                # ``python -m celery ARGS`` with the script patched first (before Celery starts
+                # and patches the standard library for gevent; producer.scripts imports nothing).
+                args = worker_args(concurrency, name=name)
+                assert args[1:3] == ["-m", "celery"], args
+                args = [args[0], "-c", _WITHOUT_LOG, *args[3:]]
+                worker = Process(args, env=self.worker_env, log_path=log)
+            else:
+                worker = start_worker(
+                    self.worker_env, concurrency=concurrency, name=name, log_path=log
+                )
+            self._started.append(worker)
+            self.workers.append(worker)
         client = self.redis()
         try:
             deadline = time.monotonic() + WORKER_READY_S
-            while not any(w.pid == worker.pid for w in live_workers(client, self.keys)):
-                if not worker.alive():
-                    raise RuntimeError(f"the worker exited:\n{worker.output()[-3000:]}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the worker was not ready after {WORKER_READY_S:g} s")
-                time.sleep(0.05)
+            for worker in self.workers:
+                while not any(w.pid == worker.pid for w in live_workers(client, self.keys)):
+                    if not worker.alive():
+                        raise RuntimeError(f"the worker exited:\n{worker.output()[-3000:]}")
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"a worker was not ready after {WORKER_READY_S:g} s")
+                    time.sleep(0.05)
         finally:
             client.close()
-        return worker
+        return self.workers[0]
+
+    @property
+    def worker(self) -> Process | None:
+        """The first worker process, if one runs."""
+        return self.workers[0] if self.workers else None
 
     def worker_log(self) -> str:
-        return self.worker.output() if self.worker is not None else ""
+        return "".join(worker.output() for worker in self.workers)
 
     def stop_worker(self) -> None:
-        """Between scenarios nothing runs on the worker and its orderly shutdown takes seconds:
-        Celery's cold shutdown (SIGQUIT), then SIGKILL to its process group after a second."""
-        if self.worker is not None:
-            worker, self.worker = self.worker, None
+        """Between scenarios nothing runs on the workers and their orderly shutdown takes
+        seconds: Celery's cold shutdown (SIGQUIT), then SIGKILL to the process group after a
+        second."""
+        workers, self.workers = self.workers, []
+        for worker in workers:
             self._forget(worker)
             worker.signal(signal.SIGQUIT)
+        for worker in workers:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 worker.popen.wait(WORKER_STOP_S)
             worker.kill()
@@ -267,8 +281,8 @@ class BenchFleet:
             found["redis"] = self.redis_server.process.pid
         if self.mock is not None:
             found["mock"] = self.mock.pid
-        if self.worker is not None:
-            found["worker"] = self.worker.pid
+        for index, worker in enumerate(self.workers):
+            found["worker" if index == 0 else f"worker{index + 1}"] = worker.pid
         if self.gateway is not None:
             found["gateway"] = self.gateway.pid
         return found

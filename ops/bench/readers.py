@@ -292,6 +292,8 @@ class Load:
     warmup_s: float = 0.0
     #: The worker's publish script without its XADD (no log): what the log costs end to end.
     without_log: bool = False
+    #: Worker processes sharing the load (scale-out on this machine).
+    workers: int = 1
 
     @property
     def closed(self) -> bool:
@@ -309,7 +311,19 @@ class Load:
     @property
     def label(self) -> str:
         suffix = ", no log" if self.without_log else ""
+        if self.workers > 1:
+            suffix += f", {self.workers} workers"
         return f"{self.concurrency} x {self.delay_ms:g} ms{suffix}"
+
+    @property
+    def key(self) -> str:
+        """The scenario's name on the command line: ``500x20``, ``100x0-nolog``, ``500x20-2w``."""
+        key = f"{self.concurrency}x{self.delay_ms:g}"
+        if self.without_log:
+            key += "-nolog"
+        if self.workers > 1:
+            key += f"-{self.workers}w"
+        return key
 
 
 MIN_WINDOW_S: Final = 0.3

@@ -552,7 +552,11 @@ def targets(results: BenchResults) -> list[tuple[str, str, bool | None]]:
         )
     # Paced waves only: their jobs live long enough for the streams to be held at once (at full
     # speed a lane's job ends in milliseconds and few are streaming at any moment).
-    waves = [r for r in results.live if not r.load.closed and r.load.concurrency >= 100]
+    waves = [
+        r
+        for r in results.live
+        if not r.load.closed and r.load.concurrency >= 100 and r.load.workers == 1
+    ]
     biggest = max(waves, key=lambda r: (r.load.concurrency, r.peak_streams), default=None)
     if biggest is not None:
         per = biggest.rss_per_stream_kib

@@ -40,12 +40,7 @@ class BenchResults:
     elapsed_s: float = 0.0
 
     def live_result(self, key: str) -> LiveResult | None:
-        found = [
-            r
-            for r in self.live
-            if f"{r.load.concurrency}x{r.load.delay_ms:g}{'-nolog' if r.load.without_log else ''}"
-            == key
-        ]
+        found = [r for r in self.live if r.load.key == key]
         return found[0] if found else None
 
     @property

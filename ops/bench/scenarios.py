@@ -78,14 +78,14 @@ class LiveResult:
 
     @property
     def rss_per_stream_kib(self) -> float:
-        return (self.rss_peak_kib - self.rss_idle_kib) / max(
-            1, self.peak_streams or self.load.concurrency
-        )
+        """RSS growth of the (first) worker per stream it held at the peak."""
+        streams = (self.peak_streams or self.load.concurrency) / self.load.workers
+        return (self.rss_peak_kib - self.rss_idle_kib) / max(1.0, streams)
 
 
 def run_live(fleet: BenchFleet, load: Load, runs: int, concurrency: int) -> LiveResult:
     """``runs`` repetitions of ``load`` on a fresh worker with ``concurrency`` greenlets."""
-    worker = fleet.start_worker(concurrency, without_log=load.without_log)
+    worker = fleet.start_worker(concurrency, without_log=load.without_log, count=load.workers)
     result = asyncio.run(_live(fleet, worker.pid, load, runs))
     result.worker_problems = worker_problems(fleet.worker_log())
     return result
@@ -139,6 +139,9 @@ async def _live(fleet: BenchFleet, worker_pid: int, load: Load, runs: int) -> Li
             results = [await drive(load, step) for _ in range(runs)]
         used = meter.used()
         used["reader"] = time.process_time() - reader_cpu
+        # Several worker processes count as one "worker" (the first one's RSS is sampled).
+        for name in [name for name in used if name.startswith("worker") and name != "worker"]:
+            used["worker"] = used.get("worker", 0.0) + used.pop(name)
         wall = time.monotonic() - began
     counts = Counts()
     for tally, _ in results:
