@@ -223,10 +223,9 @@ class Flusher:
             tokens += self._confirm(box, int(reply), began)
         if tokens:
             metrics.TOKENS.inc(tokens)
-        if reload:
+        if reload:  # the boxes are dirty again: the run loop sends them after this
             with contextlib.suppress(redis.RedisError):
                 self._client.script_load(scripts.PUBLISH)
-            self._wake.set()
 
     @staticmethod
     def _confirm(box: Outbox, reply: int, began: float) -> int:

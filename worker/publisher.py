@@ -101,14 +101,16 @@ class JobPublisher:
         publish_command: str = PUBLISH_COMMAND,
         flusher: Flusher | None = None,
         on_signal: Callable[[str], None] | None = None,
+        track_running: bool = False,
     ) -> None:
         self._script = scripts_.publish
-        self._keys = list(keys.job_keys(job_id))
+        # With ``track_running`` (a single Redis) the final batch also takes the job out of
+        # the running set, as ``claim(track=True)`` put it in.
+        self._keys = [*keys.job_keys(job_id), *([keys.running] if track_running else [])]
         self._head = [owner, lease_ms, publish_command, ttl]
         self._box: Outbox | None = None
         if flusher is not None:
-            # A single Redis: the final batch also takes the job out of the running set.
-            self._box = flusher.outbox([*self._keys, keys.running], self._head)
+            self._box = flusher.outbox(self._keys, self._head)
             self._box.on_signal = on_signal
             self._box.on_confirmed = self._confirmed
         self.job_id = job_id
@@ -174,10 +176,6 @@ class JobPublisher:
         box = self._box
         return self._cancel_requested or (box is not None and box.result == 1)
 
-    @cancel_requested.setter
-    def cancel_requested(self, value: bool) -> None:
-        self._cancel_requested = value
-
     def finish(self, type_: EventType, **fields: Any) -> None:
         """Publish the terminal event with everything still buffered, and close the job."""
         if self.finished:
@@ -194,18 +192,16 @@ class JobPublisher:
             if value is not None:
                 final += (name, value if isinstance(value, str) else json.dumps(value))
         box = self._box
-        if box is None:
-            self._call([len(final), *final])
-        else:
-            if box.error is not None:
-                self.finished = True
+        try:  # a job is finished once this was tried: nothing is published after it
+            if box is None:
+                self._call([len(final), *final])
+            elif box.error is not None:
                 raise box.error
-            box.final = [str(v).encode() for v in final]
-            try:
+            else:
+                box.final = [str(v).encode() for v in final]
                 box.wait_for(self.next_seq - 1, CONFIRM_TIMEOUT)
-            finally:
-                self.finished = True
-        self.finished = True
+        finally:
+            self.finished = True
         metrics.JOBS_FINISHED.labels(STATUS_OF_TERMINAL[type_]).inc()
 
     def _confirmed(self, tokens: int, began: float) -> None:
@@ -233,7 +229,7 @@ class JobPublisher:
         if tokens:
             metrics.TOKENS.inc(tokens)
             self._confirmed(tokens, began)
-        self.cancel_requested = self.cancel_requested or result == 1
+        self._cancel_requested = self._cancel_requested or result == 1
 
 
 def _error_of(fields: dict[str, Any]) -> dict[str, Any] | None:

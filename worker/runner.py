@@ -48,7 +48,7 @@ def run_job(runtime: Runtime, job_id: str, spec_data: Mapping[str, Any] | None) 
     # The running set is what reapers watch. On a single Redis the claim and the final publish
     # keep it (atomically, no extra round trip); on a cluster it lives on another shard: the job
     # is registered before the claim, so a reaper sees it even if this worker dies right after.
-    tracked = runtime.flusher is not None
+    tracked = not runtime.sharded
     if not tracked:
         runtime.redis.zadd(keys.running, {job_id: now_ms()})
     lease_ms = runtime.lease_ms
@@ -76,6 +76,7 @@ def run_job(runtime: Runtime, job_id: str, spec_data: Mapping[str, Any] | None) 
         publish_command=runtime.publish_command,
         flusher=runtime.flusher,
         on_signal=active.interrupt,
+        track_running=tracked,
     )
     runtime.register(active)
     started = time.monotonic()
