@@ -161,26 +161,40 @@ def test_a_burst_reaches_every_reader_whole_in_order_with_its_bytes(fleet: Fleet
     assert all(item.data == encode(item.event) for item in items)
 
 
+def _hand_made_job(admin: redis.Redis, keys: Keys, tag: str, *texts: str) -> list[Event]:
+    """A job no worker runs: its state says running; the test writes its events (returned)."""
+    job_id = f"{tag}-{secrets.token_hex(4)}"
+    admin.hset(keys.state(job_id), "status", "running")
+    admin.expire(keys.state(job_id), 60)
+    tokens = [make_event(job_id, n, EventType.TOKEN, text=text) for n, text in enumerate(texts, 1)]
+    return [
+        make_event(job_id, 0, EventType.START, attempt=1),
+        *tokens,
+        make_event(job_id, len(texts) + 1, EventType.DONE, finish_reason="stop"),
+    ]
+
+
+def _write(admin: redis.Redis, keys: Keys, event: Event, *, live: bool) -> None:
+    """Put an event in its job's log and, when ``live``, on its channel too."""
+    data = encode(event)
+    admin.xadd(keys.log(event.job), {LOG_FIELD: data}, id=log_entry_id(event.seq))
+    admin.expire(keys.log(event.job), 60)
+    if live:
+        admin.publish(keys.channel(event.job), data)
+
+
 def test_events_the_channel_lost_come_from_the_log(fleet: Fleet, redis_server: Any) -> None:
     """Events only in the log reach the reader by its idle poll; a message on the channel that
     is not an event makes it read the log at once."""
     keys = Keys(fleet.settings.prefix)
-    job_id = "hand-" + secrets.token_hex(4)
     admin = redis.Redis(port=redis_server.port)
-    written = [
-        make_event(job_id, 0, EventType.START, attempt=1),
-        make_event(job_id, 1, EventType.TOKEN, text="only in the log"),
-        make_event(job_id, 2, EventType.TOKEN, text=" and this"),
-        make_event(job_id, 3, EventType.DONE, finish_reason="stop"),
-    ]
+    written = _hand_made_job(admin, keys, "hand", "only in the log", " and this")
+    job_id = written[0].job
 
     def log_only(event: Event) -> None:
-        admin.xadd(keys.log(job_id), {LOG_FIELD: encode(event)}, id=log_entry_id(event.seq))
+        _write(admin, keys, event, live=False)
 
-    admin.hset(keys.state(job_id), "status", "running")
-    admin.expire(keys.state(job_id), 60)
     log_only(written[0])
-    admin.expire(keys.log(job_id), 60)
 
     async def write() -> None:
         await asyncio.sleep(0.3)
@@ -211,25 +225,15 @@ def test_events_published_while_the_subscription_was_down_arrive_once_it_is_back
     idle poll (made longer than the test here)."""
     monkeypatch.setattr(aio, "IDLE_POLL", 600.0)
     keys = Keys(fleet.settings.prefix)
-    job_id = "kill-" + secrets.token_hex(4)
     name = "reader-" + secrets.token_hex(3)
     admin = redis.Redis(port=redis_server.port)
-    written = [
-        make_event(job_id, 0, EventType.START, attempt=1),
-        make_event(job_id, 1, EventType.TOKEN, text="before "),
-        make_event(job_id, 2, EventType.TOKEN, text="while it was down"),
-        make_event(job_id, 3, EventType.DONE, finish_reason="stop"),
-    ]
+    written = _hand_made_job(admin, keys, "kill", "before ", "while it was down")
+    job_id = written[0].job
 
     def publish(event: Event) -> None:
-        data = encode(event)
-        admin.xadd(keys.log(job_id), {LOG_FIELD: data}, id=log_entry_id(event.seq))
-        admin.publish(keys.channel(job_id), data)
+        _write(admin, keys, event, live=True)
 
-    admin.hset(keys.state(job_id), "status", "running")
-    admin.expire(keys.state(job_id), 60)
     publish(written[0])
-    admin.expire(keys.log(job_id), 60)
 
     async def body(client: AsyncClient) -> list[Event]:
         job = await client.subscribe(job_id)

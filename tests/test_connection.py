@@ -4,11 +4,21 @@ free connection instead of failing, however many run at once."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import redis
 
 from producer.connection import sync_redis
 from producer.devservers import RedisServer
+
+
+def _at_once(work: Callable[[], None], count: int) -> None:
+    """Run ``work`` on ``count`` threads at once; wait for them (30 s each at most)."""
+    threads = [threading.Thread(target=work) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
 
 
 def test_a_blocking_pool_makes_commands_wait_for_a_connection(redis_server: RedisServer) -> None:
@@ -22,11 +32,7 @@ def test_a_blocking_pool_makes_commands_wait_for_a_connection(redis_server: Redi
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=slow_command) for _ in range(12)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    _at_once(slow_command, 12)
     client.close()
     assert errors == [] and len(done) == 12
     assert client.connection_pool.max_connections == 2
@@ -43,10 +49,6 @@ def test_redis_pys_default_pool_would_have_failed(redis_server: RedisServer) -> 
         except redis.exceptions.ConnectionError as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=slow_command) for _ in range(12)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    _at_once(slow_command, 12)
     client.close()
     assert errors and "Too many connections" in str(errors[0])
