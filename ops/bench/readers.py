@@ -74,6 +74,11 @@ class JobCheck:
         return self.expected - len(self.seen)
 
 
+#: What counts against a run: jobs that failed, tokens lost, duplicated, reordered or of another
+#: job, and restarts (``Tally.problems``, ``Counts.clean``).
+PROBLEMS: Final = ("failed", "lost", "duplicated", "reordered", "foreign", "restarts")
+
+
 @dataclass
 class Tally:
     """What the readers of one run saw. Times are ``time.time_ns()`` values."""
@@ -168,14 +173,7 @@ class Tally:
 
     @property
     def problems(self) -> int:
-        return (
-            self.failed
-            + self.lost
-            + self.duplicated
-            + self.reordered
-            + self.foreign
-            + self.restarts
-        )
+        return sum(getattr(self, name) for name in PROBLEMS)
 
 
 async def _read(job: AsyncJob, tally: Tally, check: JobCheck, timeout: float) -> tuple[str, int]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from ops.bench.fleet import BenchFleet
 from ops.bench.procstat import CpuMeter, RssSampler, rss_kib
-from ops.bench.readers import Load, Tally, drive, follow_one, late_reads
+from ops.bench.readers import PROBLEMS, Load, Tally, drive, follow_one, late_reads
 from ops.bench.stats import Summary, median
 from producer.aio import AsyncClient
 
@@ -46,15 +46,7 @@ class Counts:
 
     @property
     def clean(self) -> bool:
-        problems = (
-            self.failed
-            + self.lost
-            + self.duplicated
-            + self.reordered
-            + self.foreign
-            + self.restarts
-        )
-        return self.jobs > 0 and problems == 0
+        return self.jobs > 0 and sum(getattr(self, name) for name in PROBLEMS) == 0
 
 
 @dataclass
