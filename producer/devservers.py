@@ -263,6 +263,26 @@ def wait_worker_ready(process: Process, timeout: float = 30.0, name: str = "work
         time.sleep(0.1)
 
 
+def worker_env(redis_url: str, prefix: str, **settings: str) -> dict[str, str]:
+    """The environment of a tokenrelay process started by tests or the bench: this process's,
+    without any ``TOKENRELAY_*`` variable or ``TOGETHER_API_KEY`` (nothing leaks in from the
+    machine), then the given Redis and prefix, the mock's model, no metrics port, and each of
+    ``settings`` as ``TOKENRELAY_<NAME>`` (``upstream_url="..."``)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("TOKENRELAY_") and k != "TOGETHER_API_KEY"
+    }
+    env.update(
+        TOKENRELAY_REDIS_URL=redis_url,
+        TOKENRELAY_PREFIX=prefix,
+        TOKENRELAY_DEFAULT_MODEL="mock",
+        TOKENRELAY_METRICS_PORT="0",
+    )
+    env.update({f"TOKENRELAY_{name.upper()}": value for name, value in settings.items()})
+    return env
+
+
 def worker_args(concurrency: int = 50, pool: str = "gevent", name: str | None = None) -> list[str]:
     """The Celery command line of one tokenrelay worker."""
     args = [

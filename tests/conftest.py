@@ -8,7 +8,6 @@ Two worker fleets run side by side under different key prefixes (and so differen
 
 from __future__ import annotations
 
-import os
 import secrets
 import sys
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from producer.devservers import (
     start_worker,
     wait_until,
     wait_worker_ready,
+    worker_env,
 )
 from producer.settings import Settings
 
@@ -97,18 +97,13 @@ def mock(run_dir: Path, api_key: str) -> Iterator[Mock]:
 
 
 def _base_env(redis_url: str, prefix: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
-    env.pop("TOGETHER_API_KEY", None)
-    env.update(
-        TOKENRELAY_REDIS_URL=redis_url,
-        TOKENRELAY_PREFIX=prefix,
-        TOKENRELAY_UPSTREAM_DIALECT="together",
-        TOKENRELAY_DEFAULT_MODEL="mock",
-        TOKENRELAY_UPSTREAM_READ_TIMEOUT="5",
-        TOKENRELAY_UPSTREAM_CONNECT_TIMEOUT="2",
-        TOKENRELAY_METRICS_PORT="0",
+    return worker_env(
+        redis_url,
+        prefix,
+        upstream_dialect="together",
+        upstream_read_timeout="5",
+        upstream_connect_timeout="2",
     )
-    return env
 
 
 def _start_fleet(name: str, env: dict[str, str], run_dir: Path, concurrency: int) -> Fleet:

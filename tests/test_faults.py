@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from producer import Client, EventType, Status
-from producer.devservers import Process, RedisServer, start_worker, wait_worker_ready
+from producer.devservers import Process, RedisServer, start_worker, wait_worker_ready, worker_env
 from producer.mock_upstream import generate
 from producer.protocol import Event, Keys
 from producer.settings import Settings
@@ -43,20 +43,18 @@ class FaultFleet:
         (self.dir / "broker").mkdir()
         self.bus = RedisServer(directory=self.dir / "bus", appendonly=True).start()
         self.broker = RedisServer(directory=self.dir / "broker").start()
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
-        self.env.update(
-            TOKENRELAY_REDIS_URL=self.bus.url,
-            TOKENRELAY_BROKER_URL=self.broker.url,
-            TOKENRELAY_PREFIX="trfault",
-            TOKENRELAY_UPSTREAM_URL=mock.url,
-            TOKENRELAY_UPSTREAM_API_KEY=api_key,
-            TOKENRELAY_DEFAULT_MODEL="mock",
-            TOKENRELAY_LEASE_SECONDS=str(LEASE),
-            TOKENRELAY_SHUTDOWN_GRACE="1",
-            TOKENRELAY_UPSTREAM_READ_TIMEOUT="1.5",
-            TOKENRELAY_UPSTREAM_RETRIES="3",
-            TOKENRELAY_UPSTREAM_RETRY_WAIT="5",
-            TOKENRELAY_MAX_ATTEMPTS="3",
+        self.env = worker_env(
+            self.bus.url,
+            "trfault",
+            broker_url=self.broker.url,
+            upstream_url=mock.url,
+            upstream_api_key=api_key,
+            lease_seconds=str(LEASE),
+            shutdown_grace="1",
+            upstream_read_timeout="1.5",
+            upstream_retries="3",
+            upstream_retry_wait="5",
+            max_attempts="3",
         )
         self.workers: list[Process] = []
         self.count = 0

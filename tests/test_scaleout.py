@@ -44,7 +44,14 @@ from typing import Any
 import pytest
 
 from producer import Client, EventType, Status
-from producer.devservers import Process, RedisServer, free_port, wait_worker_ready, worker_args
+from producer.devservers import (
+    Process,
+    RedisServer,
+    free_port,
+    wait_worker_ready,
+    worker_args,
+    worker_env,
+)
 from producer.mock_upstream import generate
 from producer.protocol import Event
 from producer.reading import events_from_log
@@ -205,23 +212,18 @@ class Cluster:
     def worker_env(self, host: Host) -> dict[str, str]:
         assert self.redis is not None
         url = f"redis://{host.host_ip}:{self.redis.port}/0"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
-        env.pop("TOGETHER_API_KEY", None)
-        env.update(
-            TOKENRELAY_REDIS_URL=url,
-            TOKENRELAY_BROKER_URL=url,
-            TOKENRELAY_PREFIX=self.prefix,
-            TOKENRELAY_UPSTREAM_URL=host.mock_url,
-            TOKENRELAY_UPSTREAM_API_KEY=self.api_key,
-            TOKENRELAY_UPSTREAM_DIALECT="together",
-            TOKENRELAY_DEFAULT_MODEL="mock",
-            TOKENRELAY_LEASE_SECONDS=str(LEASE),
-            TOKENRELAY_UPSTREAM_CONNECT_TIMEOUT="2",
-            TOKENRELAY_UPSTREAM_READ_TIMEOUT="5",
-            TOKENRELAY_SHUTDOWN_GRACE="1",
-            TOKENRELAY_METRICS_PORT="0",
+        return worker_env(
+            url,
+            self.prefix,
+            broker_url=url,
+            upstream_url=host.mock_url,
+            upstream_api_key=self.api_key,
+            upstream_dialect="together",
+            lease_seconds=str(LEASE),
+            upstream_connect_timeout="2",
+            upstream_read_timeout="5",
+            shutdown_grace="1",
         )
-        return env
 
     @property
     def settings(self) -> Settings:

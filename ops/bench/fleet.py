@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import os
 import secrets
 import signal
 import subprocess
@@ -26,6 +25,7 @@ from producer.devservers import (
     start_worker,
     wait_until,
     worker_args,
+    worker_env,
 )
 from producer.fleet import live_workers
 from producer.protocol import Keys
@@ -159,19 +159,14 @@ class BenchFleet:
     @property
     def env(self) -> dict[str, str]:
         """A process's environment: this run's Redis, prefix and mock, nothing inherited."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
-        env.pop("TOGETHER_API_KEY", None)
-        env.update(
-            TOKENRELAY_REDIS_URL=self.redis_url,
-            TOKENRELAY_PREFIX=self.prefix,
-            TOKENRELAY_UPSTREAM_URL=self.mock_url,
-            TOKENRELAY_UPSTREAM_DIALECT=self.dialect,
-            TOKENRELAY_DEFAULT_MODEL="mock",
-            TOKENRELAY_UPSTREAM_READ_TIMEOUT="30",
-            TOKENRELAY_UPSTREAM_CONNECT_TIMEOUT="5",
-            TOKENRELAY_METRICS_PORT="0",
+        return worker_env(
+            self.redis_url,
+            self.prefix,
+            upstream_url=self.mock_url,
+            upstream_dialect=self.dialect,
+            upstream_read_timeout="30",
+            upstream_connect_timeout="5",
         )
-        return env
 
     @property
     def settings(self) -> Settings:
