@@ -3,6 +3,7 @@ upstream over HTTP, and the producer library reading what a user would read."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from typing import Any
@@ -228,6 +229,29 @@ def test_cancel_of_a_queued_job_ends_it_at_once(fleet: Fleet) -> None:
         assert [e.type for e in events] == [EventType.CANCELLED]
         with pytest.raises(JobFailedError, match="cancelled"):
             job.text(timeout=5)
+
+
+def test_an_attempt_fenced_as_it_ends_ends_quietly_and_publishes_nothing_more(
+    client: Client, fleet: Fleet
+) -> None:
+    # The job is taken over (another attempt owns it) and at once cancelled, while the worker
+    # waits for its first token. The worker learns of the takeover only when it publishes the
+    # cancelled event: the attempt must end as fenced, not as a task that raised (Celery would
+    # deliver it again after the visibility timeout).
+    job = client.submit(marker("fenced"), model="mock?delay_ms=3000", max_tokens=5, follow=True)
+    assert next(job.events(timeout=30)).type is EventType.START
+    client.redis.hset(client.keys.state(job.id), "owner", "another-attempt")
+    client.cancel(job.id)
+    deadline = time.monotonic() + 10
+    while f"job {job.id} finished" not in fleet.log():
+        assert time.monotonic() < deadline, "the attempt did not end"
+        time.sleep(0.05)
+    log = fleet.log()
+    assert re.search(rf"job {job.id} finished: fenced\b", log), log[-2000:]
+    assert not re.search(rf"raised unexpected.*{job.id}", log)
+    assert len(client.redis.xrange(client.keys.log(job.id))) == 1  # the start event only
+    # The job belongs to the other attempt now: end it for the session's Redis.
+    client.redis.delete(client.keys.state(job.id))
 
 
 @pytest.mark.parametrize(

@@ -127,6 +127,22 @@ def _run_claimed(
     spec_data: Mapping[str, Any] | None,
 ) -> str:
     try:
+        return _attempt(runtime, active, publisher, attempt, cancel, spec_data)
+    except Fenced:
+        # Another attempt owns the job now. Also caught here because ``finish`` in a handler of
+        # ``_attempt`` can raise it, and a handler's siblings do not catch what it raises.
+        return "fenced"
+
+
+def _attempt(
+    runtime: Runtime,
+    active: ActiveJob,
+    publisher: JobPublisher,
+    attempt: int,
+    cancel: bool,
+    spec_data: Mapping[str, Any] | None,
+) -> str:
+    try:
         if attempt > 1:
             metrics.RESTARTS.inc()
             if publisher.next_seq > 0:
