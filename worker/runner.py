@@ -89,7 +89,14 @@ def run_job(runtime: Runtime, job_id: str, spec_data: Mapping[str, Any] | None) 
     )
     outcome = "error"
     try:
-        outcome = _run_claimed(runtime, active, publisher, taken.attempt, taken.cancel, spec_data)
+        try:
+            outcome = _run_claimed(
+                runtime, active, publisher, taken.attempt, taken.cancel, spec_data
+            )
+        except Fenced:
+            # Another attempt owns the job now, learnt while publishing the terminal event in a
+            # handler of ``_run_claimed`` (its sibling handlers do not catch what it raises).
+            outcome = "fenced"
         if publisher.finished and outcome != "fenced" and not tracked:
             runtime.redis.zrem(keys.running, job_id)
         return outcome
@@ -119,22 +126,6 @@ def run_job(runtime: Runtime, job_id: str, spec_data: Mapping[str, Any] | None) 
 
 
 def _run_claimed(
-    runtime: Runtime,
-    active: ActiveJob,
-    publisher: JobPublisher,
-    attempt: int,
-    cancel: bool,
-    spec_data: Mapping[str, Any] | None,
-) -> str:
-    try:
-        return _attempt(runtime, active, publisher, attempt, cancel, spec_data)
-    except Fenced:
-        # Another attempt owns the job now. Also caught here because ``finish`` in a handler of
-        # ``_attempt`` can raise it, and a handler's siblings do not catch what it raises.
-        return "fenced"
-
-
-def _attempt(
     runtime: Runtime,
     active: ActiveJob,
     publisher: JobPublisher,
