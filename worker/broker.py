@@ -112,18 +112,18 @@ class Channel(kombu_redis.Channel):
         if room <= 0:
             return
         qos: QoS = self.qos
-        for queue in list(self.active_queues):
-            keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps]
-            keys += [qos.unacked_key, qos.unacked_index_key]
-            with self.conn_or_acquire() as client:
-                if self._take_script is None:
-                    self._take_script = client.register_script(TAKE)
+        with self.conn_or_acquire() as client:
+            if self._take_script is None:
+                self._take_script = client.register_script(TAKE)
+            for queue in list(self.active_queues):
+                keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps]
+                keys += [qos.unacked_key, qos.unacked_index_key]
                 items = self._take_script(keys=keys, args=[room, time.time()], client=client)
-            if items:
-                self._deliver_taken(queue, [loads(bytes_to_str(item)) for item in items])
-                room -= len(items)
-            if room <= 0:
-                return
+                if items:
+                    self._deliver_taken(queue, [loads(bytes_to_str(item)) for item in items])
+                    room -= len(items)
+                if room <= 0:
+                    return
 
     def _deliver_taken(self, queue: str, messages: list[dict[str, Any]]) -> None:
         qos: QoS = self.qos
