@@ -10,13 +10,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from producer.devservers import RedisServer
+from producer.devservers import RedisServer, worker_env
 from worker.broker import TAKE_AT_ONCE
 
 pytestmark = pytest.mark.timeout(60)
@@ -168,11 +169,13 @@ print(len(seen), len({id(backend) for backend in seen}))
 """
 
 
-def test_jobs_in_a_gevent_worker_share_one_result_backend(redis_server: RedisServer) -> None:
-    env = {"TOKENRELAY_REDIS_URL": redis_server.url, "PATH": "/usr/bin:/bin"}
+def test_jobs_in_a_gevent_worker_share_one_result_backend(
+    redis_server: RedisServer, name: str
+) -> None:
     done = subprocess.run(
         [sys.executable, "-c", _BACKENDS_PER_GREENLET],
-        env=env,
+        env=worker_env(redis_server.url, name),
+        cwd=Path(__file__).resolve().parents[1],
         capture_output=True,
         text=True,
         timeout=30,
