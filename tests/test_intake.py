@@ -18,7 +18,7 @@ import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
 from producer.devservers import RedisServer, worker_env
-from worker.broker import TAKE_AT_ONCE
+from worker.broker import COMMAND_CONNECTIONS, TAKE_AT_ONCE
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -154,6 +154,53 @@ def test_a_graceful_stop_puts_unstarted_messages_back(
     # Closing the channel restores what was delivered but not acked, as kombu always has.
     assert db.llen(name) == 7
     assert db.hlen(f"{name}:unacked") == 0
+
+
+# Hundreds of jobs of a gevent worker that end together acknowledge at once, each from its own
+# greenlet. Prints the Redis server's client count after the acks (the pool keeps what it
+# opened), then what is left unacknowledged and queued.
+_ACKS_AT_ONCE = """
+from gevent import monkey
+monkey.patch_all()
+import sys
+import gevent, redis
+from tests.test_intake import Taker, _connect, _publish
+url, name, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+queue = _publish(url, name, count)
+db = redis.Redis.from_url(url)
+# The worker's transport options allow a large pool (worker/app.py).
+with _connect(url, name, max_connections=1024) as conn:
+    taker = Taker(conn, queue, prefetch=count)
+    for _ in range(count):
+        if len(taker.messages) == count:
+            break
+        taker.read_once()
+    gevent.joinall([gevent.spawn(message.ack) for message in taker.messages], raise_error=True)
+    print(len(taker.messages), db.info("clients")["connected_clients"])
+print(db.hlen(name + ":unacked"), db.llen(name))
+"""
+
+
+def test_acks_from_hundreds_of_greenlets_share_a_few_connections(tmp_path: Path, name: str) -> None:
+    # A Redis of its own: its client count is this test's alone.
+    server = RedisServer(directory=tmp_path).start()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _ACKS_AT_ONCE, server.url, name, "300"],
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+            timeout=45,
+        )
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr[-3000:]
+    (taken, clients), (unacked, queued) = (
+        map(int, line.split()) for line in done.stdout.split("\n")[:2]
+    )
+    assert (taken, unacked, queued) == (300, 0, 0)
+    # The pooled command connections, the consumer's BRPOP connection and the test's own.
+    assert clients <= COMMAND_CONNECTIONS + 2
 
 
 # In a gevent worker (the standard library patched first, as Celery's gevent pool does), every

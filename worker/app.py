@@ -36,7 +36,8 @@ app.conf.update(
     # Longer than any job may run, so the broker never hands a running job to a second worker.
     # kombu's Redis transport allows 10 connections by default; under gevent hundreds of
     # running tasks acknowledge at once, and running out of connections made Celery drop its
-    # consumer and cancel the running tasks.
+    # consumer and cancel the running tasks. (For redis:// brokers, worker/broker.py keeps a
+    # few connections instead, and a command waits for a free one.)
     broker_transport_options={
         "visibility_timeout": settings.visibility_timeout,
         "max_connections": BROKER_CONNECTIONS,

@@ -11,11 +11,15 @@ call loses nothing (kombu's visibility timeout hands the messages out again), an
 own round trip per message is saved. (kombu's ``BRPOP`` itself pops before it records; that
 one message per read keeps kombu's behaviour.)
 
-**One client for the per-message commands.** kombu's channel builds a new ``redis.Redis`` for
-every pooled command it sends: the unacknowledged-set append when a task arrives and the ack
-when it ends, two per job. redis-py's constructor registers a few hundred response callbacks
-each time, about 130 µs of worker CPU per job. A ``redis.Redis`` may be shared (every command
-takes a connection from the pool), so this channel builds one and keeps it.
+**One client for the per-message commands, on a few connections.** kombu's channel builds a
+new ``redis.Redis`` for every pooled command it sends: the unacknowledged-set append when a task
+arrives and the ack when it ends, two per job. redis-py's constructor registers a few hundred
+response callbacks each time, about 130 µs of worker CPU per job. A ``redis.Redis`` may be
+shared (every command takes a connection from the pool), so this channel builds one and keeps
+it. kombu's pool opens a connection per command in flight and fails past its limit; under gevent
+hundreds of jobs that end together acknowledge at once (116 connections, ~36 KiB each, at the
+end of a wave of 500). This channel's pool holds ``COMMAND_CONNECTIONS`` and a command waits for
+a free one.
 
 Selected in ``worker/app.py`` for ``redis://`` brokers; everything else is kombu's own. With a
 ``global_keyprefix`` the batched take is off (kombu prefixes one key of a script call only).
@@ -29,6 +33,7 @@ from __future__ import annotations
 import time
 from typing import Any, Final
 
+import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
@@ -36,6 +41,10 @@ from kombu.utils.json import loads
 
 #: Messages taken after a ``BRPOP`` at most, in one call.
 TAKE_AT_ONCE: Final = 64
+#: Connections for the per-message commands (acks, appends, takes); a command waits for one.
+COMMAND_CONNECTIONS: Final = 16
+#: How long a command waits for a free connection before it fails as a connection error.
+COMMAND_CONNECTION_WAIT: Final = 30.0
 
 # KEYS: the queue's lists in priority order, then kombu's unacked hash and its index.
 # ARGV: how many messages to take at most; the time to index them at (seconds).
@@ -97,6 +106,16 @@ class Channel(kombu_redis.Channel):
         if self._shared_client is None:
             self._shared_client = super()._create_client()
         return self._shared_client
+
+    def _get_pool(self, asynchronous: bool = False) -> Any:
+        if asynchronous:
+            return super()._get_pool(asynchronous=True)
+        params = self._connparams()
+        self.keyprefix_fanout = self.keyprefix_fanout.format(db=params["db"])
+        params["max_connections"] = min(
+            params.get("max_connections") or COMMAND_CONNECTIONS, COMMAND_CONNECTIONS
+        )
+        return redis.BlockingConnectionPool(timeout=COMMAND_CONNECTION_WAIT, **params)
 
     def _brpop_read(self, **options: Any) -> Any:
         delivered = super()._brpop_read(**options)

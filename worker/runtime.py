@@ -45,7 +45,13 @@ def _version() -> str:
 _VERSION: Final = _version()
 
 TICK: Final = 0.1
-REDIS_CONNECTIONS: Final = 128  # per worker process, for all its streams
+# Connections per worker process, for all its streams. On a single Redis they are shared (a
+# command waits for a free one): the flusher holds one per write and the rest carry job starts,
+# leases and acks, each one round trip; every connection costs ~36 KiB of memory (hiredis's read
+# buffer). On a cluster each stream calls the publish script itself, per node, so the pool
+# grows as needed.
+REDIS_CONNECTIONS: Final = 32
+CLUSTER_CONNECTIONS: Final = 1024  # per node
 REAP_EVERY: Final = 1.0  # seconds between looks for jobs whose worker died
 REAP_BATCH: Final = 1000
 
@@ -88,11 +94,13 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.keys = Keys(settings.prefix)
-        # Hundreds of streams share a bounded pool: a flush waits for a free connection.
-        self.redis: redis.Redis = sync_redis(
-            settings.redis_url, max_connections=REDIS_CONNECTIONS, blocking=True
-        )
         self.sharded = is_cluster(settings.redis_url)
+        # Hundreds of streams share a bounded pool: a command waits for a free connection.
+        self.redis: redis.Redis = sync_redis(
+            settings.redis_url,
+            max_connections=CLUSTER_CONNECTIONS if self.sharded else REDIS_CONNECTIONS,
+            blocking=True,
+        )
         self.publish_command = publish_command(settings.redis_url)
         self.scripts = Scripts(self.redis)
         # On a single Redis every stream's events go out pipelined by one flusher; on a cluster
