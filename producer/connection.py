@@ -53,21 +53,30 @@ def _plain(url: str) -> str:
 DEFAULT_MAX_CONNECTIONS: Final = 10_000
 
 
-def sync_redis(url: str, *, max_connections: int | None = None, blocking: bool = False) -> Any:
+def sync_redis(
+    url: str,
+    *,
+    max_connections: int | None = None,
+    blocking: bool = False,
+    read_size: int | None = None,
+) -> Any:
     """A blocking client (cooperative under gevent) for ``url``: ``redis.Redis`` or, for a
     ``redis+cluster://`` URL, ``redis.cluster.RedisCluster``.
 
     With ``blocking`` the pool holds at most ``max_connections`` and a command waits for a free
     one (a worker's hundreds of streams share a few connections); otherwise the pool grows to
     ``max_connections`` (default 10,000: one per open subscription) and fails beyond it.
+    ``read_size`` is each connection's read buffer (redis-py's default is 32 KiB, allocated and
+    zeroed per connection): smaller for a client whose replies are small.
     """
+    sized = {"socket_read_size": read_size} if read_size else {}
     if is_cluster(url):
         from redis.cluster import RedisCluster
 
         return RedisCluster.from_url(
-            _plain(url), socket_keepalive=True, max_connections=max_connections or 1000
+            _plain(url), socket_keepalive=True, max_connections=max_connections or 1000, **sized
         )
-    options = _options(max_connections or DEFAULT_MAX_CONNECTIONS)
+    options = _options(max_connections or DEFAULT_MAX_CONNECTIONS) | sized
     if blocking:
         pool = redis.BlockingConnectionPool.from_url(url, timeout=30, **options)
         return redis.Redis(connection_pool=pool, retry=options["retry"])

@@ -52,3 +52,24 @@ def test_redis_pys_default_pool_would_have_failed(redis_server: RedisServer) -> 
     _at_once(slow_command, 12)
     client.close()
     assert errors and "Too many connections" in str(errors[0])
+
+
+def test_a_small_read_buffer_still_reads_replies_larger_than_itself(
+    redis_server: RedisServer,
+) -> None:
+    """A worker's connections read in 8 KiB; a reply many times that arrives whole."""
+    client = sync_redis(redis_server.url, max_connections=2, blocking=True, read_size=8 * 1024)
+    key = "tokenrelay-test-read-size"
+    value = bytes(range(256)) * 800  # 200 KiB, every byte value
+    try:
+        client.set(key, value)
+        assert client.get(key) == value
+        client.delete(key)
+        client.rpush(key, *(f"item {n}".encode() * 20 for n in range(2000)))
+        assert client.lrange(key, 0, -1) == [f"item {n}".encode() * 20 for n in range(2000)]
+        connection = client.connection_pool.get_connection()
+        assert connection._parser.socket_read_size == 8 * 1024  # the size asked for is used
+        client.connection_pool.release(connection)
+    finally:
+        client.delete(key)
+        client.close()

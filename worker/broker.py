@@ -45,6 +45,9 @@ TAKE_AT_ONCE: Final = 64
 COMMAND_CONNECTIONS: Final = 16
 #: How long a command waits for a free connection before it fails as a connection error.
 COMMAND_CONNECTION_WAIT: Final = 30.0
+#: Their read buffer: replies are small but for a take (up to ``TAKE_AT_ONCE`` messages, read
+#: in several pieces); redis-py's default is 32 KiB, allocated and zeroed per connection.
+COMMAND_READ_SIZE: Final = 8 * 1024
 
 # KEYS: the queue's lists in priority order, then kombu's unacked hash and its index.
 # ARGV: how many messages to take at most; the time to index them at (seconds).
@@ -115,6 +118,7 @@ class Channel(kombu_redis.Channel):
         params["max_connections"] = min(
             params.get("max_connections") or COMMAND_CONNECTIONS, COMMAND_CONNECTIONS
         )
+        params.setdefault("socket_read_size", COMMAND_READ_SIZE)
         return redis.BlockingConnectionPool(timeout=COMMAND_CONNECTION_WAIT, **params)
 
     def _brpop_read(self, **options: Any) -> Any:

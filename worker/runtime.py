@@ -47,10 +47,13 @@ _VERSION: Final = _version()
 TICK: Final = 0.1
 # Connections per worker process, for all its streams. On a single Redis they are shared (a
 # command waits for a free one): the flusher holds one per write and the rest carry job starts,
-# leases and acks, each one round trip; every connection costs ~36 KiB of memory (hiredis's read
+# leases and acks, each one round trip; every connection costs memory (mostly hiredis's read
 # buffer). On a cluster each stream calls the publish script itself, per node, so the pool
 # grows as needed.
 REDIS_CONNECTIONS: Final = 32
+# The worker's replies are small (script results, a few hundred bytes per flush of hundreds of
+# jobs), so each connection reads in 8 KiB, not redis-py's 32 KiB.
+REDIS_READ_SIZE: Final = 8 * 1024
 CLUSTER_CONNECTIONS: Final = 1024  # per node
 REAP_EVERY: Final = 1.0  # seconds between looks for jobs whose worker died
 REAP_BATCH: Final = 1000
@@ -100,6 +103,7 @@ class Runtime:
             settings.redis_url,
             max_connections=CLUSTER_CONNECTIONS if self.sharded else REDIS_CONNECTIONS,
             blocking=True,
+            read_size=REDIS_READ_SIZE,
         )
         self.publish_command = publish_command(settings.redis_url)
         self.scripts = Scripts(self.redis)
