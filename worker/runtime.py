@@ -51,8 +51,8 @@ TICK: Final = 0.1
 # buffer). On a cluster each stream calls the publish script itself, per node, so the pool
 # grows as needed.
 REDIS_CONNECTIONS: Final = 32
-# The worker's replies are small (script results, a few hundred bytes per flush of hundreds of
-# jobs), so each connection reads in 8 KiB, not redis-py's 32 KiB.
+# The worker's replies are small (the publish script answers an integer: a flush of 500 jobs'
+# calls is read back as ~2 KB), so each connection reads in 8 KiB, not redis-py's 32 KiB.
 REDIS_READ_SIZE: Final = 8 * 1024
 CLUSTER_CONNECTIONS: Final = 1024  # per node
 REAP_EVERY: Final = 1.0  # seconds between looks for jobs whose worker died
