@@ -179,3 +179,31 @@ def test_heartbeat_expires_when_a_worker_is_killed(
     finally:
         process.stop()
     assert re.search(r"no live worker", cli(env, "health").stdout)
+
+
+def test_freeze_startup_takes_the_heap_out_of_the_collectors_walks() -> None:
+    """Objects alive at the freeze are no longer walked by a collection; later ones are. (In a
+    subprocess: freezing would keep the test session's own garbage for ever.)"""
+    code = """
+import gc, logging
+from producer.heap import freeze_startup
+before = [[index] for index in range(50_000)]
+frozen = freeze_startup(logging.getLogger("t"))
+after = [[index] for index in range(10)]
+walked = {id(o) for o in gc.get_objects()}
+print(frozen, sum(id(o) in walked for o in before), sum(id(o) in walked for o in after))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    frozen, before_walked, after_walked = map(int, result.stdout.split())
+    assert frozen >= 50_000
+    assert before_walked == 0
+    assert after_walked == 10
+
+
+def test_worker_and_gateway_freeze_their_startup_heap(fleet: Fleet, gateway: Gateway) -> None:
+    for name, output in (("worker", fleet.process.output()), ("gateway", gateway.log())):
+        found = re.search(r"froze (\d+) start-up objects", output)
+        assert found, f"{name} did not freeze its start-up heap:\n{output[-2000:]}"
+        assert int(found[1]) > 10_000, f"{name} froze only {found[1]} objects"

@@ -14,6 +14,7 @@ from celery.signals import (
     worker_shutting_down,
 )
 
+from producer.heap import freeze_startup
 from producer.protocol import TASK_NAME, ProtocolError, validate_job_id
 from worker import metrics
 from worker.app import app
@@ -98,6 +99,7 @@ def _start_runtime(sender: Any = None, **_: Any) -> None:
     name = type(pool).__module__.rsplit(".", 1)[-1] if pool is not None else "unknown"
     runtime.describe(name, int(getattr(pool, "limit", 0) or 0))
     metrics.serve(runtime.settings.metrics_port)
+    freeze_startup(log)
 
 
 @worker_shutdown.connect  # type: ignore[untyped-decorator]
@@ -110,3 +112,4 @@ def _stop_runtime(**_: Any) -> None:
 @worker_process_init.connect  # type: ignore[untyped-decorator]
 def _start_child_runtime(**_: Any) -> None:
     Runtime.get()
+    freeze_startup(log)

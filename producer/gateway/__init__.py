@@ -5,10 +5,13 @@ tokenrelay gateway --host 0.0.0.0 --port 8000
 
 from __future__ import annotations
 
+import logging
+
 import uvicorn
 
 from producer import logs
 from producer.gateway.app import create_app
+from producer.heap import freeze_startup
 from producer.settings import Settings
 
 __all__ = ["create_app", "serve"]
@@ -17,8 +20,10 @@ __all__ = ["create_app", "serve"]
 def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     """Run the gateway under uvicorn until interrupted."""
     logs.configure(Settings.from_env().log_format)
+    app = create_app()
+    freeze_startup(logging.getLogger("tokenrelay.gateway"))
     uvicorn.run(
-        create_app(),
+        app,
         host=host,
         port=port,
         log_level="info",
