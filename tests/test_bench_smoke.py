@@ -43,6 +43,9 @@ def test_the_smoke_run_loses_nothing_and_prints_the_table() -> None:
         assert fanout.connected == fanout.spec.readers
         assert fanout.problems == 0, fanout.failures
         assert fanout.frames == fanout.spec.readers * fanout.spec.tokens
+        # The pub/sub tap saw every token once, and every frame is matched to its token there.
+        assert fanout.to_redis.count == fanout.spec.jobs * fanout.spec.tokens
+        assert fanout.gateway_latency.count == fanout.frames
         assert 0 < fanout.redis_connections_max <= 9
     assert results.clean
 

@@ -13,6 +13,7 @@ import contextlib
 import gc
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,9 @@ import redis
 
 from ops.bench.fleet import BenchFleet
 from ops.bench.procstat import CpuMeter, RssSampler, rss_kib
-from ops.bench.readers import PROMPT, JobCheck, Tally, model_for
+from ops.bench.readers import PROMPT, JobCheck, Tally, model_for, parse_stamp
 from ops.bench.stats import Summary
+from ops.bench.tap import Tap
 from producer import scripts
 from producer.client import create_args, prepare
 from producer.enqueue import Enqueuer
@@ -65,6 +67,8 @@ class FanoutResult:
     frames: int  # token frames received by all readers together
     rate: float | None  # of them per second
     latency: Summary  # ms, upstream stamp to a reader's socket read
+    to_redis: Summary  # ms, upstream stamp to the pub/sub tap: the worker and Redis
+    gateway_latency: Summary  # ms, the tap to a reader's socket read: the gateway (per frame)
     problems: int
     failures: list[str]
     redis_connections_max: int  # the gateway's, named tokenrelay-gateway, sampled
@@ -80,9 +84,12 @@ class _SSEReader(asyncio.Protocol):
     (``data_received``), before any parsing, so the latency is the pipeline's and not this
     process's scheduling of a thousand readers."""
 
-    def __init__(self, request: bytes, tally: Tally, check: JobCheck) -> None:
+    def __init__(
+        self, request: bytes, tally: Tally, check: JobCheck, receipts: list[tuple[str, int]]
+    ) -> None:
         self.request = request
         self.tally = tally
+        self.receipts = receipts  # (token text, ns): the tap's times are subtracted later
         self.check = check
         self.connected = asyncio.get_running_loop().create_future()
         self.ended = asyncio.get_running_loop().create_future()
@@ -141,7 +148,9 @@ class _SSEReader(asyncio.Protocol):
                     continue
                 event = json.loads(line[6:])
                 if event.get("type") == EventType.TOKEN:
-                    self.tally.token(self.check, str(event.get("text", "")), now)
+                    text = str(event.get("text", ""))
+                    self.tally.token(self.check, text, now)
+                    self.receipts.append((text, now))
                 elif event.get("type") in ("done", "error", "cancelled"):
                     self.ending = str(event["type"])
         if last:
@@ -165,13 +174,14 @@ async def _reader(
     spec: FanoutSpec,
     tally: Tally,
     connected: list[int],
+    receipts: list[tuple[str, int]],
 ) -> None:
     check = JobCheck(spec.tokens)
     request = (
         f"GET /v1/jobs/{job_id}/events HTTP/1.1\r\nHost: {host}:{port}\r\n"
         "Accept: text/event-stream\r\n\r\n"
     ).encode()
-    protocol = _SSEReader(request, tally, check)
+    protocol = _SSEReader(request, tally, check, receipts)
     reached = False
     try:
         async with asyncio.timeout(spec.timeout + CONNECT_LIMIT_S):
@@ -209,6 +219,7 @@ class _Run:
     cpu_s: dict[str, float]
     elapsed: float
     peak_connections: int
+    receipts: list[tuple[str, int]]
 
 
 async def _fan_out(
@@ -222,10 +233,13 @@ async def _fan_out(
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     tally, peak = Tally(), [0]
     connected: list[int] = []
+    receipts: list[tuple[str, int]] = []
     stop = asyncio.Event()
     watcher = asyncio.ensure_future(_watch_connections(client, peak, stop))
     tasks = [
-        asyncio.ensure_future(_reader(host, port, jobs[i % spec.jobs][0], spec, tally, connected))
+        asyncio.ensure_future(
+            _reader(host, port, jobs[i % spec.jobs][0], spec, tally, connected, receipts)
+        )
         for i in range(spec.readers)
     ]
     deadline = time.monotonic() + CONNECT_LIMIT_S
@@ -251,14 +265,14 @@ async def _fan_out(
     rate = None
     if tally.spans:
         rate = tally.rate_between(started, max(span[1] for span in tally.spans))
-    return _Run(tally, len(connected), rate, used, elapsed, max(peak))
+    return _Run(tally, len(connected), rate, used, elapsed, max(peak), receipts)
 
 
 async def _start_and_wait(
     spec: FanoutSpec,
     jobs: list[tuple[str, Any]],
     enqueuer: Enqueuer,
-    tasks: list[asyncio.Future[None]],
+    tasks: Sequence[asyncio.Future[None]],
     tally: Tally,
     started: int,
 ) -> None:
@@ -296,19 +310,28 @@ def run_fanout(
         for job_id, job_spec in jobs:
             create(keys=[fleet.keys.state(job_id)], args=create_args(settings, job_spec, None))
         idle = rss_kib(gateway_pid)
-        with RssSampler(gateway_pid) as rss:
-            run = asyncio.run(_fan_out(fleet, spec, jobs, client, enqueuer))
+        tap = Tap(fleet.redis_url, fleet.prefix, fleet.workdir / "tap.txt").start()
+        try:
+            with RssSampler(gateway_pid) as rss:
+                run = asyncio.run(_fan_out(fleet, spec, jobs, client, enqueuer))
+        finally:
+            tapped = tap.stop()
     finally:
         enqueuer.close()
         client.close()
         fleet.stop_gateway()
     tokens = run.tally.tokens
+    stamps = {text: stamp[1] for text in tapped if (stamp := parse_stamp(text))}
+    to_redis = [(tapped[text] - ns) / 1e6 for text, ns in stamps.items()]
+    through_gateway = [(now - tapped[text]) / 1e6 for text, now in run.receipts if text in tapped]
     return FanoutResult(
         spec=spec,
         connected=run.connected,
         frames=tokens,
         rate=run.rate,
         latency=Summary.of(run.tally.latency_ms),
+        to_redis=Summary.of(to_redis),
+        gateway_latency=Summary.of(through_gateway),
         problems=run.tally.problems,
         failures=run.tally.failures,
         redis_connections_max=run.peak_connections,
