@@ -263,6 +263,48 @@ def test_events_published_while_the_subscription_was_down_arrive_once_it_is_back
         admin.close()
 
 
+def test_live_messages_that_arrive_together_all_reach_their_readers(
+    fleet: Fleet, redis_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of messages on the channel (never logged, so only the live path has them)
+    reaches the job's reader whole and in order: the multiplexer hands on every reply already
+    read off the socket. A second job subscribed between two bursts is confirmed and read too.
+    (The idle poll is made longer than the test.)"""
+    monkeypatch.setattr(aio, "IDLE_POLL", 600.0)
+    keys = Keys(fleet.settings.prefix)
+    admin = redis.Redis(port=redis_server.port)
+    written = _hand_made_job(admin, keys, "burst", *(f"<{n}>" for n in range(600)))
+    later = _hand_made_job(admin, keys, "later", "second")
+    job_id, later_id = written[0].job, later[0].job
+    _write(admin, keys, written[0], live=False)
+    for event in later:
+        _write(admin, keys, event, live=False)
+
+    async def body(client: AsyncClient) -> tuple[list[Event], list[Event]]:
+        job = await client.subscribe(job_id)
+        assert [item.event for item in await job.next_events()] == written[:1]
+        pipe = admin.pipeline(transaction=False)
+        for event in written[1:301]:
+            pipe.publish(keys.channel(job_id), encode(event))
+        pipe.execute()
+        async with asyncio.timeout(5):  # subscribe waits up to 10 s for its confirmation
+            second = await client.subscribe(later_id)  # confirmed behind the first 300
+        pipe = admin.pipeline(transaction=False)
+        for event in written[301:]:
+            pipe.publish(keys.channel(job_id), encode(event))
+        pipe.execute()
+        async with asyncio.timeout(20):  # far below IDLE_POLL
+            events = written[:1] + [event async for event in job.events()]
+            return events, [event async for event in second.events()]
+
+    try:
+        events, second = run(fleet, body)
+    finally:
+        admin.close()
+    assert events == written
+    assert second == later
+
+
 def test_a_listener_waits_for_an_offer_or_its_time_and_marks_overflow() -> None:
     event = make_event("j", 0, EventType.START, attempt=1)
     item = _Live(encode(event))
