@@ -312,6 +312,8 @@ class Multiplexer:
 
     def _handle(self, message: dict[str, Any]) -> None:
         kind, channel = message["type"], message.get("channel")
+        if channel is None:  # a pong or another reply with no channel
+            return
         if kind in ("message", "smessage"):
             self._offer(channel, message["data"])
         elif kind in ("subscribe", "ssubscribe"):
