@@ -55,6 +55,48 @@ def test_a_finished_stream_leaves_its_connection_to_the_next(
     assert len(peers) == 1, peers
 
 
+def _wave(client: UpstreamClient, mock: Mock, streams: int) -> set[str]:
+    """Open ``streams`` streams at once (each holds its connection until closed), read them
+    all, close them all; return the mock's client addresses, one per connection used."""
+    markers, opened = [], []
+    for _ in range(streams):
+        marker = f"wave-{secrets.token_hex(4)}"
+        spec = JobSpec.from_dict(
+            {"prompt": marker, "dialect": "together", "model": "mock", "max_tokens": 3},
+            default_model="mock",
+            default_dialect="together",
+            max_prompt_bytes=1000,
+        )
+        opened.append(
+            client.open(dialects.get("together"), spec, Continuation(), before_read=lambda: None)
+        )
+        markers.append(marker)
+    for stream in opened:
+        assert "".join(delta.text for delta in stream.deltas())
+        stream.close()
+    return {str(mock.record(marker)["client"]) for marker in markers}
+
+
+def test_a_pool_sized_to_the_streams_keeps_every_connection_between_waves(
+    mock: Mock, api_key: str
+) -> None:
+    """12 streams at once, twice: a pool of 4 keeps 4 connections for the second wave and
+    opens 8 new ones; sized to 12 (as a worker sizes it to its concurrency), it keeps all."""
+    small = UpstreamClient(mock.url, api_key, connect_timeout=2, read_timeout=5, pool_size=4)
+    sized = UpstreamClient(mock.url, api_key, connect_timeout=2, read_timeout=5, pool_size=4)
+    sized.size_pool(12)
+    try:
+        first, second = _wave(small, mock, 12), _wave(small, mock, 12)
+        assert len(first) == len(second) == 12
+        assert len(first & second) == 4
+        first, second = _wave(sized, mock, 12), _wave(sized, mock, 12)
+        assert len(first) == 12
+        assert second == first
+    finally:
+        small.close()
+        sized.close()
+
+
 def test_a_broken_stream_is_not_reused(mock: Mock, api_key: str) -> None:
     client = UpstreamClient(mock.url, api_key, connect_timeout=2, read_timeout=5)
     try:

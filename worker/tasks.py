@@ -97,7 +97,9 @@ def _start_runtime(sender: Any = None, **_: Any) -> None:
         return
     runtime = Runtime.get()
     name = type(pool).__module__.rsplit(".", 1)[-1] if pool is not None else "unknown"
-    runtime.describe(name, int(getattr(pool, "limit", 0) or 0))
+    concurrency = int(getattr(pool, "limit", 0) or 0)
+    runtime.describe(name, concurrency)
+    runtime.upstream.size_pool(concurrency)
     metrics.serve(runtime.settings.metrics_port)
     freeze_startup(log)
 

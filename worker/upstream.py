@@ -69,7 +69,18 @@ class UpstreamClient:
         bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
         if bundle:
             self.session.verify = bundle
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+        self.pool_size = 0
+        self.size_pool(pool_size)
+
+    def size_pool(self, connections: int) -> None:
+        """Keep up to ``connections`` idle connections. A worker sizes it to the streams it runs
+        at once: a smaller pool closes the connections past its size whenever a wave of jobs
+        ends and opens them again for the next (a TLS handshake each on a real API). Grows
+        only; call it before the first stream."""
+        if connections <= self.pool_size:
+            return
+        self.pool_size = connections
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=connections, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
 
