@@ -22,7 +22,9 @@ STAMP = b'"text":"|'
 READY = "subscribed"
 
 
-def _run(url: str, pattern: str, out: Path) -> None:
+def main(argv: list[str]) -> None:
+    """``URL PATTERN OUT``: subscribe to ``PATTERN`` until SIGTERM, then write what came."""
+    url, pattern, out = argv[0], argv[1], Path(argv[2])
     stopping = False
 
     def stop(_signum: int, _frame: FrameType | None) -> None:
@@ -53,7 +55,8 @@ class Tap:
     ``{token text: ns it reached the tap}``."""
 
     def __init__(self, url: str, prefix: str, out: Path) -> None:
-        self.args = [sys.executable, "-m", "ops.bench.tap", url, f"{prefix}:job:*", str(out)]
+        code = "import sys; from ops.bench.tap import main; main(sys.argv[1:])"
+        self.args = [sys.executable, "-c", code, url, f"{prefix}:job:*", str(out)]
         self.out = out
         self.process: subprocess.Popen[str] | None = None
 
@@ -85,7 +88,3 @@ class Tap:
                 text, _, ns = line.rpartition(" ")
                 seen[text] = int(ns)
         return seen
-
-
-if __name__ == "__main__":
-    _run(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
