@@ -26,7 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer import scripts
-from producer.client import cancel_call, create_args, override_settings, prepare
+from producer.client import cancel_call, create_args, create_keys, override_settings, prepare
 from producer.connection import async_redis, is_cluster
 from producer.enqueue import Enqueuer
 from producer.protocol import Event, EventType, Keys, encode_cancel, validate_job_id
@@ -376,9 +376,8 @@ class AsyncClient:
         self.redis = async_redis(
             self.settings.redis_url, max_connections=max_connections, client_name=client_name
         )
-        self.multiplexer = Multiplexer(
-            self.redis, buffer, sharded=is_cluster(self.settings.redis_url)
-        )
+        self.sharded = is_cluster(self.settings.redis_url)
+        self.multiplexer = Multiplexer(self.redis, buffer, sharded=self.sharded)
         self._create = self.redis.register_script(scripts.CREATE)
         self._cancel = self.redis.register_script(scripts.CANCEL)
         self._enqueuer: Enqueuer | None = None
@@ -426,8 +425,11 @@ class AsyncClient:
         job = AsyncJob(self, job_id)
         if follow:
             await job.open()
+        if self.sharded:  # the queued set is on another slot: join it first (see CREATE)
+            await self.redis.zadd(self.keys.queued, {job_id: int(time.time() * 1000)}, nx=True)
         created = await self._create(
-            keys=[self.keys.state(job_id)], args=create_args(self.settings, spec, tenant)
+            keys=create_keys(self.keys, job_id, sharded=self.sharded),
+            args=create_args(self.settings, job_id, spec, tenant),
         )
         if created:
             if self._enqueuer is None:

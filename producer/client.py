@@ -72,7 +72,13 @@ def prepare(settings: Settings, request: dict[str, Any], job_id: str | None) -> 
         raise InvalidJob("job_id", "must be 1 to 64 letters, digits, '-' or '_'") from None
 
 
-def create_args(settings: Settings, spec: JobSpec, tenant: str | None) -> list[Any]:
+def create_keys(keys: Keys, job_id: str, *, sharded: bool) -> list[str]:
+    """Keys of the CREATE script: the job's state, and on a single Redis the queued set (on a
+    cluster it lives on another slot: the producer adds the job to it before creating it)."""
+    return [keys.state(job_id)] if sharded else [keys.state(job_id), keys.queued]
+
+
+def create_args(settings: Settings, job_id: str, spec: JobSpec, tenant: str | None) -> list[Any]:
     """Arguments of the CREATE script for a new job."""
     fields: list[Any] = [
         StateField.MODEL,
@@ -85,7 +91,8 @@ def create_args(settings: Settings, spec: JobSpec, tenant: str | None) -> list[A
     if tenant is not None:
         fields += (StateField.TENANT, tenant)
     # A queued job is kept long enough to run; once it ends its keys expire after job_ttl.
-    return [int(time.time() * 1000), settings.visibility_timeout + settings.job_ttl, *fields]
+    ttl = settings.visibility_timeout + settings.job_ttl
+    return [int(time.time() * 1000), ttl, job_id, *fields]
 
 
 def cancelled_prefix(job_id: str) -> str:
@@ -175,8 +182,11 @@ class Client:
         job = Job(self, job_id)
         if follow:
             job.subscription.open()
+        if self.sharded:  # the queued set is on another slot: join it first (see CREATE)
+            self.redis.zadd(self.keys.queued, {job_id: int(time.time() * 1000)}, nx=True)
         created = self._create(
-            keys=[self.keys.state(job_id)], args=create_args(self.settings, spec, tenant)
+            keys=create_keys(self.keys, job_id, sharded=self.sharded),
+            args=create_args(self.settings, job_id, spec, tenant),
         )
         if created:
             try:

@@ -153,6 +153,13 @@ class Keys:
         """Sorted set of claimed job ids, scored by claim time (ms), watched by every reaper."""
         return f"{self.prefix}:running"
 
+    @property
+    def queued(self) -> str:
+        """Sorted set of created job ids not yet claimed, scored by when they were (last) put on
+        the queue (ms): a job left in it past the queued grace lost its message and is queued
+        again."""
+        return f"{self.prefix}:queued"
+
     def worker(self, worker_id: str) -> str:
         """A worker's heartbeat key, refreshed with a TTL."""
         return f"{self.prefix}:worker:{worker_id}"

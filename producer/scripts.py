@@ -11,28 +11,34 @@ Every script is idempotent where a retry after a lost reply can happen:
 - ``CANCEL``   anyone: end a queued job at once, or flag a running one for its worker.
 - ``RELEASE``  worker: give a job back to the queue (graceful shutdown), keeping its log.
 - ``TAKEOVER`` worker: decide, once per attempt, to re-enqueue a running job whose lease lapsed.
+- ``REQUEUE_DUE`` worker: decide, once per queued grace, to re-enqueue a job left unclaimed.
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-# KEYS: state. ARGV: created_ms, ttl, then field/value pairs.
-# Returns 1 if created, 0 if the job existed already.
+# KEYS: state[, queued]. ARGV: created_ms, ttl, job id, then field/value pairs.
+# Returns 1 if created, 0 if the job existed already. With the queued set (a single Redis: on a
+# cluster it is on another slot and the producer adds the job itself, before this call), a
+# created job joins it, scored by its creation.
 CREATE: Final = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+if KEYS[2] then redis.call('ZADD', KEYS[2], ARGV[1], ARGV[3]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 redis.call('HSET', KEYS[1], 'status', 'queued', 'created', ARGV[1], 'attempt', 0, 'seq', -1)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-# KEYS: state, lease[, running]. ARGV: owner, lease_ms, now_ms[, job id].
+# KEYS: state, lease[, running, queued]. ARGV: owner, lease_ms, now_ms[, job id].
 # Returns {outcome, attempt, last_seq, cancel_flag}; outcome in claimed|missing|finished|busy.
 # With the running set (a single Redis: on a cluster it is on another slot and the worker keeps
 # it itself), a claimed job is added to it, scored by now, before anything else is written (a
 # failing ZADD leaves the job untouched), and a missing or finished one is removed from it.
+# Whatever the outcome, the delivery has arrived: the job leaves the queued set.
 CLAIM: Final = """
+if KEYS[4] then redis.call('ZREM', KEYS[4], ARGV[4]) end
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or status == 'done' or status == 'error' or status == 'cancelled' then
   if KEYS[3] then redis.call('ZREM', KEYS[3], ARGV[4]) end
@@ -132,4 +138,14 @@ local attempt = redis.call('HGET', KEYS[1], 'attempt')
 if redis.call('HGET', KEYS[1], 'requeued') == attempt then return 'taken' end
 redis.call('HSET', KEYS[1], 'requeued', attempt)
 return 'requeue'
+"""
+
+# KEYS: queued. ARGV: job id, cutoff_ms, now_ms.
+# Returns 1 if the caller is to put the job on the queue again: its entry is older than the
+# cutoff, and is moved to now, so that another worker looking at the same moment does not.
+REQUEUE_DUE: Final = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+return 1
 """

@@ -25,6 +25,8 @@ DEFAULT_READ_TIMEOUT: Final = 60.0
 DEFAULT_LEASE_SECONDS: Final = 10.0
 DEFAULT_MAX_ATTEMPTS: Final = 3
 DEFAULT_SHUTDOWN_GRACE: Final = 30.0
+#: Seconds a created job may wait unclaimed before a worker puts it on the queue again.
+DEFAULT_QUEUED_GRACE: Final = 300.0
 DEFAULT_UPSTREAM_RETRIES: Final = 4
 DEFAULT_UPSTREAM_RETRY_WAIT: Final = 30.0
 DEFAULT_METRICS_PORT: Final = 9808
@@ -171,6 +173,7 @@ class Settings:
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    queued_grace: float = DEFAULT_QUEUED_GRACE
     upstream_retries: int = DEFAULT_UPSTREAM_RETRIES
     upstream_retry_wait: float = DEFAULT_UPSTREAM_RETRY_WAIT
     metrics_port: int = DEFAULT_METRICS_PORT
@@ -222,6 +225,9 @@ class Settings:
             shutdown_grace=_parse(
                 env, "TOKENRELAY_SHUTDOWN_GRACE", DEFAULT_SHUTDOWN_GRACE, _positive(float)
             ),
+            queued_grace=_parse(
+                env, "TOKENRELAY_QUEUED_GRACE", DEFAULT_QUEUED_GRACE, _positive(float)
+            ),
             upstream_retries=_parse(
                 env, "TOKENRELAY_UPSTREAM_RETRIES", DEFAULT_UPSTREAM_RETRIES, _non_negative(int)
             ),
@@ -270,6 +276,7 @@ KNOWN_VARIABLES: Final = frozenset(
         "TOKENRELAY_LEASE_SECONDS",
         "TOKENRELAY_MAX_ATTEMPTS",
         "TOKENRELAY_SHUTDOWN_GRACE",
+        "TOKENRELAY_QUEUED_GRACE",
         "TOKENRELAY_UPSTREAM_RETRIES",
         "TOKENRELAY_UPSTREAM_RETRY_WAIT",
         "TOKENRELAY_METRICS_PORT",

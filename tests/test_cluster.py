@@ -137,6 +137,17 @@ def test_jobs_on_every_shard_reach_sync_and_async_readers(
             assert token_text(events) == "".join(generate(prompt, 30)[0])
             late = list(client.subscribe(job.id).events(timeout=10))
             assert late == events
+        # Each job joined the queued set (another slot) when created and left it when claimed.
+        assert [client.redis.zscore(client.keys.queued, job.id) for job in jobs] == [None] * 12
+
+        def dies(*_: object) -> None:
+            raise KeyboardInterrupt  # the producer's process ends between create and enqueue
+
+        client._enqueuer.send = dies  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            client.submit(marker("stranded"), model="mock", max_tokens=3, job_id="strand-c1")
+        assert client.redis.zscore(client.keys.queued, "strand-c1") is not None
+        client.cancel("strand-c1")
 
     async def read_async() -> list[str]:
         async with AsyncClient(settings=settings) as aclient:

@@ -44,6 +44,10 @@ RESTARTS: Final = Counter("tokenrelay_restarts_total", "Attempts after the first
 TAKEOVERS: Final = Counter(
     "tokenrelay_takeovers_total", "Jobs of dead workers re-enqueued by this worker's reaper"
 )
+REQUEUED: Final = Counter(
+    "tokenrelay_requeued_total",
+    "Jobs put on the queue again after waiting unclaimed past the queued grace (lost messages)",
+)
 PUBLISH: Final = Histogram(
     "tokenrelay_publish_seconds",
     "Round trip of one publish to Redis (a batch of events)",

@@ -58,6 +58,7 @@ class Scripts:
         self.renew = client.register_script(scripts.RENEW)
         self.release = client.register_script(scripts.RELEASE)
         self.takeover = client.register_script(scripts.TAKEOVER)
+        self.requeue_due = client.register_script(scripts.REQUEUE_DUE)
 
 
 def now_ms() -> int:
@@ -74,11 +75,12 @@ def claim(
     track: bool = False,
 ) -> Claim:
     """Take the job for a new attempt; with ``track`` (a single Redis) the script keeps the
-    running set too: the job joins it when claimed and leaves it when missing or finished."""
+    running set too (the job joins it when claimed and leaves it when missing or finished) and
+    takes the job out of the queued set."""
     script_keys = [keys.state(job_id), keys.lease(job_id)]
     args: list[Any] = [owner, lease_ms, now_ms()]
     if track:
-        script_keys.append(keys.running)
+        script_keys += (keys.running, keys.queued)
         args.append(job_id)
     outcome, attempt, seq, cancel = scripts_.claim(keys=script_keys, args=args)
     name = outcome.decode() if isinstance(outcome, bytes) else str(outcome)

@@ -51,6 +51,7 @@ def run_job(runtime: Runtime, job_id: str, spec_data: Mapping[str, Any] | None) 
     tracked = not runtime.sharded
     if not tracked:
         runtime.redis.zadd(keys.running, {job_id: now_ms()})
+        runtime.redis.zrem(keys.queued, job_id)  # the delivery has arrived
     lease_ms = runtime.lease_ms
     taken = claim(runtime.scripts, keys, job_id, owner, lease_ms, track=tracked)
     if taken.outcome == "missing" and spec_data is not None:
@@ -235,6 +236,7 @@ def _create_state(runtime: Runtime, job_id: str, spec_data: Mapping[str, Any]) -
         runtime.keys.state(job_id),
         now_ms(),
         runtime.settings.job_ttl + int(runtime.settings.visibility_timeout),
+        job_id,
         StateField.SPEC,
         json.dumps(spec_data),
     )

@@ -25,11 +25,11 @@ import redis
 from prometheus_client import REGISTRY
 
 from producer.connection import is_cluster, publish_command, sync_redis
-from producer.protocol import TASK_NAME, Keys, decode_control
+from producer.protocol import TASK_NAME, Keys, StateField, Status, decode_control
 from producer.settings import Settings
 from worker import metrics
 from worker.flusher import Flusher
-from worker.publisher import Scripts
+from worker.publisher import Scripts, now_ms
 from worker.upstream import UpstreamClient, UpstreamStream
 
 log = logging.getLogger("tokenrelay.worker")
@@ -236,6 +236,7 @@ class Runtime:
                 if now >= next_reap:
                     next_reap = now + REAP_EVERY
                     self._reap()
+                    self._requeue_stranded()
                 if now >= next_beat:
                     next_beat = now + self.settings.heartbeat_seconds
                     self._beat()
@@ -267,6 +268,43 @@ class Runtime:
                 log.warning("job %s: its worker stopped renewing the lease; re-enqueued", job_id)
                 self.requeue(job_id)
 
+    def _requeue_stranded(self) -> None:
+        """Put back on the queue the jobs created but left unclaimed past the queued grace: their
+        message was lost (a producer that died between creating the job and queueing it, a
+        worker killed between taking a message off the queue and recording it). A job whose
+        message was only slow is delivered twice; its claim drops the second delivery."""
+        now = now_ms()
+        cutoff = now - int(self.settings.queued_grace * 1000)
+        ids = [
+            i.decode() if isinstance(i, bytes) else str(i)
+            for i in self.redis.zrangebyscore(
+                self.keys.queued, "-inf", cutoff, start=0, num=REAP_BATCH
+            )
+        ]
+        if not ids:
+            return
+        for job_id, status in zip(ids, self._statuses(ids), strict=True):
+            if status != Status.QUEUED:
+                self.redis.zrem(self.keys.queued, job_id)  # claimed, ended or expired
+            elif self.scripts.requeue_due(keys=[self.keys.queued], args=[job_id, cutoff, now]):
+                metrics.REQUEUED.inc()
+                waited = (now - cutoff) / 1000
+                log.warning(
+                    "job %s: not taken by any worker in %.0f s; re-enqueued", job_id, waited
+                )
+                self.requeue(job_id)
+
+    def _statuses(self, ids: list[str]) -> list[str | None]:
+        """The jobs' status fields: one pipelined round trip on a single Redis."""
+        if self.sharded:
+            raw = [self.redis.hget(self.keys.state(job_id), StateField.STATUS) for job_id in ids]
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hget(self.keys.state(job_id), StateField.STATUS)
+            raw = pipe.execute()
+        return [r.decode() if isinstance(r, bytes) else r for r in raw]
+
     def _each(self, script: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """Run ``script`` once per (keys, args): one pipelined round trip on a single Redis; one
         call each on a cluster, where the jobs' keys live on different shards."""
@@ -278,9 +316,11 @@ class Runtime:
         return list(pipe.execute())
 
     def requeue(self, job_id: str) -> None:
-        """Put a job back on the queue; its next claim starts a new attempt."""
+        """Put a job back on the queue; its next claim starts a new attempt. It (re)joins the
+        queued set, so a message lost on the way is sent again after the queued grace."""
         from worker.app import app
 
+        self.redis.zadd(self.keys.queued, {job_id: now_ms()}, nx=True)
         app.send_task(TASK_NAME, kwargs={"job_id": job_id}, queue=self.keys.queue)
 
     @property

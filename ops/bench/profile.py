@@ -33,7 +33,7 @@ from ops.bench.fleet import BenchFleet
 from ops.bench.readers import Load, Tally, drive, follow_one, model_for
 from producer import scripts
 from producer.aio import AsyncClient
-from producer.client import create_args
+from producer.client import create_args, create_keys
 from producer.protocol import Keys
 from producer.settings import Settings
 from producer.spec import JobSpec
@@ -245,7 +245,10 @@ def profile_worker(fleet: BenchFleet, load: Load, jobs: int) -> Profile:
             def work() -> int:
                 for _ in range(jobs):
                     job_id = uuid.uuid4().hex
-                    create(keys=[keys.state(job_id)], args=create_args(settings, spec, None))
+                    create(
+                        keys=create_keys(keys, job_id, sharded=False),
+                        args=create_args(settings, job_id, spec, None),
+                    )
                     outcome = run_job(runtime, job_id, spec.to_dict())
                     if outcome != "done":
                         raise RuntimeError(f"profiled job {job_id} ended {outcome}")

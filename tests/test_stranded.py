@@ -1,0 +1,117 @@
+"""Jobs whose queue message was lost: created, never claimed. A worker puts each back on the
+queue once it has waited past the queued grace, so nothing accepted stays ``queued`` for ever.
+
+A worker of its own (prefix ``trstrand``) runs with a queued grace of one second.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from producer import Client
+from producer.devservers import Process, RedisServer, start_worker, wait_worker_ready, worker_env
+from producer.mock_upstream import generate
+from producer.protocol import Keys
+from producer.scripts import REQUEUE_DUE
+from producer.settings import Settings
+from tests.conftest import Fleet, Mock, marker
+
+GRACE = 1.0
+
+
+class Stranded:
+    def __init__(self, env: dict[str, str], process: Process) -> None:
+        self.env, self.process = env, process
+        self.settings = Settings.from_env(env)
+
+
+@pytest.fixture(scope="module")
+def stranded(
+    redis_server: RedisServer, mock: Mock, api_key: str, run_dir: Path
+) -> Iterator[Stranded]:
+    env = worker_env(
+        redis_server.url,
+        "trstrand",
+        upstream_url=mock.url,
+        upstream_api_key=api_key,
+        queued_grace=str(GRACE),
+    )
+    process = start_worker(env, concurrency=10, name="stranded@%h", log_path=run_dir / "s.log")
+    try:
+        wait_worker_ready(process)
+        yield Stranded(env, process)
+    finally:
+        process.stop()
+
+
+def _dies_here(*_: object) -> None:
+    raise KeyboardInterrupt  # the producer's process ends here: no clean-up of its own runs
+
+
+def test_a_job_whose_producer_died_before_queueing_it_runs_after_the_grace(
+    stranded: Stranded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prompt = marker("stranded")
+    job_id = "stranded-" + secrets.token_hex(4)
+    with Client(settings=stranded.settings) as client:
+        monkeypatch.setattr(client._enqueuer, "send", _dies_here)
+        with pytest.raises(KeyboardInterrupt):
+            client.submit(prompt, model="mock", max_tokens=8, job_id=job_id)
+        assert client.status(job_id).status == "queued"
+        # Retrying with the same id finds the job: it is the sweep that runs it.
+        monkeypatch.undo()
+        assert client.submit(prompt, model="mock", max_tokens=8, job_id=job_id).id == job_id
+        text = client.subscribe(job_id).text(timeout=30)
+        assert client.redis.zscore(client.keys.queued, job_id) is None
+    assert text == "".join(generate(prompt, 8)[0])
+    assert f"job {job_id}: not taken by any worker" in stranded.process.output()
+
+
+def test_a_job_cancelled_while_queued_leaves_the_queued_set_without_running(
+    stranded: Stranded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = "cancelled-" + secrets.token_hex(4)
+    with Client(settings=stranded.settings) as client:
+        monkeypatch.setattr(client._enqueuer, "send", _dies_here)
+        with pytest.raises(KeyboardInterrupt):
+            client.submit(marker("cancel"), model="mock", max_tokens=8, job_id=job_id)
+        assert client.cancel(job_id).status == "cancelled"
+        deadline = time.monotonic() + 10 * GRACE + 10
+        while client.redis.zscore(client.keys.queued, job_id) is not None:
+            assert time.monotonic() < deadline, "the cancelled job stayed in the queued set"
+            time.sleep(0.1)
+        assert client.status(job_id).status == "cancelled"
+    assert f"job {job_id}: not taken" not in stranded.process.output()
+
+
+def test_jobs_that_ran_are_not_left_in_the_queued_set(fleet: Fleet) -> None:
+    with fleet.client() as client:
+        jobs = [client.submit(marker("ran"), model="mock", max_tokens=3) for _ in range(5)]
+        for job in jobs:
+            job.text(timeout=30)
+        assert [client.redis.zscore(client.keys.queued, job.id) for job in jobs] == [None] * 5
+
+
+def test_only_one_of_two_workers_looking_at_once_queues_a_job_again(
+    redis_server: RedisServer,
+) -> None:
+    queued = Keys("trstrand-unit-" + secrets.token_hex(3)).queued
+    client = redis.Redis(port=redis_server.port)
+    try:
+        due = client.register_script(REQUEUE_DUE)
+        client.zadd(queued, {"old": 1_000, "new": 9_000})
+        cutoff, now = 5_000, 10_000
+        first = [due(keys=[queued], args=[job, cutoff, now]) for job in ("old", "new", "gone")]
+        second = due(keys=[queued], args=["old", cutoff, now + 1])
+        assert first == [1, 0, 0]
+        assert second == 0
+        assert client.zscore(queued, "old") == now
+    finally:
+        client.delete(queued)
+        client.close()
