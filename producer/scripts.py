@@ -11,6 +11,7 @@ Every script is idempotent where a retry after a lost reply can happen:
 - ``CANCEL``   anyone: end a queued job at once, or flag a running one for its worker.
 - ``RELEASE``  worker: give a job back to the queue (graceful shutdown), keeping its log.
 - ``TAKEOVER`` worker: decide, once per attempt, to re-enqueue a running job whose lease lapsed.
+- ``STRANDED``  worker: whether a job of the queued set still waits for a delivery.
 - ``REQUEUE_DUE`` worker: decide, once per queued grace, to re-enqueue a job left unclaimed.
 """
 
@@ -138,6 +139,20 @@ local attempt = redis.call('HGET', KEYS[1], 'attempt')
 if redis.call('HGET', KEYS[1], 'requeued') == attempt then return 'taken' end
 redis.call('HSET', KEYS[1], 'requeued', attempt)
 return 'requeue'
+"""
+
+# KEYS: state, lease. Run by the reapers for each job of the queued set past the queued grace.
+# Returns 'waiting' if the job still waits for a delivery: queued, or running with no lease
+# after a takeover re-enqueued its attempt (the claim of that message starts a new attempt);
+# anything else ('gone') has had its delivery, has ended, or has expired.
+STRANDED: Final = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'queued' then return 'waiting' end
+if status == 'running' and redis.call('EXISTS', KEYS[2]) == 0 then
+  local attempt = redis.call('HGET', KEYS[1], 'attempt')
+  if redis.call('HGET', KEYS[1], 'requeued') == attempt then return 'waiting' end
+end
+return 'gone'
 """
 
 # KEYS: queued. ARGV: job id, cutoff_ms, now_ms.

@@ -73,6 +73,27 @@ def test_a_job_whose_producer_died_before_queueing_it_runs_after_the_grace(
     assert f"job {job_id}: not taken by any worker" in stranded.process.output()
 
 
+def test_a_job_whose_takeover_message_was_lost_runs_after_the_grace(
+    stranded: Stranded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker died mid-stream and a reaper re-enqueued the attempt, but that message never
+    reached the broker: the job is running with no lease and its attempt marked re-enqueued."""
+    prompt = marker("takeover")
+    job_id = "takeover-" + secrets.token_hex(4)
+    with Client(settings=stranded.settings) as client:
+        monkeypatch.setattr(client._enqueuer, "send", _dies_here)
+        with pytest.raises(KeyboardInterrupt):
+            client.submit(prompt, model="mock", max_tokens=8, job_id=job_id)
+        client.redis.hset(
+            client.keys.state(job_id),
+            mapping={"status": "running", "attempt": 1, "requeued": 1, "owner": "dead"},
+        )
+        text = client.subscribe(job_id).text(timeout=30)
+        state = client.status(job_id)
+    assert text == "".join(generate(prompt, 8)[0])
+    assert (state.status, state.attempt) == ("done", 2)
+
+
 def test_a_job_cancelled_while_queued_leaves_the_queued_set_without_running(
     stranded: Stranded, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -58,6 +58,7 @@ class Scripts:
         self.renew = client.register_script(scripts.RENEW)
         self.release = client.register_script(scripts.RELEASE)
         self.takeover = client.register_script(scripts.TAKEOVER)
+        self.stranded = client.register_script(scripts.STRANDED)
         self.requeue_due = client.register_script(scripts.REQUEUE_DUE)
 
 

@@ -25,7 +25,7 @@ import redis
 from prometheus_client import REGISTRY
 
 from producer.connection import is_cluster, publish_command, sync_redis
-from producer.protocol import TASK_NAME, Keys, StateField, Status, decode_control
+from producer.protocol import TASK_NAME, Keys, decode_control
 from producer.settings import Settings
 from worker import metrics
 from worker.flusher import Flusher
@@ -269,10 +269,11 @@ class Runtime:
                 self.requeue(job_id)
 
     def _requeue_stranded(self) -> None:
-        """Put back on the queue the jobs created but left unclaimed past the queued grace: their
-        message was lost (a producer that died between creating the job and queueing it, a
-        worker killed between taking a message off the queue and recording it). A job whose
-        message was only slow is delivered twice; its claim drops the second delivery."""
+        """Put back on the queue the jobs left unclaimed past the queued grace: their message was
+        lost (a producer that died between creating the job and queueing it, a worker killed
+        between taking a message off the queue and recording it, a takeover's message lost on
+        its way). A job whose message was only slow is delivered twice; its claim drops the
+        second delivery."""
         now = now_ms()
         cutoff = now - int(self.settings.queued_grace * 1000)
         ids = [
@@ -283,8 +284,12 @@ class Runtime:
         ]
         if not ids:
             return
-        for job_id, status in zip(ids, self._statuses(ids), strict=True):
-            if status != Status.QUEUED:
+        verdicts = self._each(
+            self.scripts.stranded,
+            [([self.keys.state(job_id), self.keys.lease(job_id)], []) for job_id in ids],
+        )
+        for job_id, verdict in zip(ids, verdicts, strict=True):
+            if verdict not in (b"waiting", "waiting"):
                 self.redis.zrem(self.keys.queued, job_id)  # claimed, ended or expired
             elif self.scripts.requeue_due(keys=[self.keys.queued], args=[job_id, cutoff, now]):
                 metrics.REQUEUED.inc()
@@ -293,17 +298,6 @@ class Runtime:
                     "job %s: not taken by any worker in %.0f s; re-enqueued", job_id, waited
                 )
                 self.requeue(job_id)
-
-    def _statuses(self, ids: list[str]) -> list[str | None]:
-        """The jobs' status fields: one pipelined round trip on a single Redis."""
-        if self.sharded:
-            raw = [self.redis.hget(self.keys.state(job_id), StateField.STATUS) for job_id in ids]
-        else:
-            pipe = self.redis.pipeline(transaction=False)
-            for job_id in ids:
-                pipe.hget(self.keys.state(job_id), StateField.STATUS)
-            raw = pipe.execute()
-        return [r.decode() if isinstance(r, bytes) else r for r in raw]
 
     def _each(self, script: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """Run ``script`` once per (keys, args): one pipelined round trip on a single Redis; one
