@@ -54,18 +54,25 @@ def _dies_here(*_: object) -> None:
     raise KeyboardInterrupt  # the producer's process ends here: no clean-up of its own runs
 
 
+def _created_not_queued(
+    client: Client, monkeypatch: pytest.MonkeyPatch, prompt: str, job_id: str
+) -> None:
+    """Submit a job whose producer dies between creating it and queueing its message."""
+    with monkeypatch.context() as patch:
+        patch.setattr(client._enqueuer, "send", _dies_here)
+        with pytest.raises(KeyboardInterrupt):
+            client.submit(prompt, model="mock", max_tokens=8, job_id=job_id)
+
+
 def test_a_job_whose_producer_died_before_queueing_it_runs_after_the_grace(
     stranded: Stranded, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     prompt = marker("stranded")
     job_id = "stranded-" + secrets.token_hex(4)
     with Client(settings=stranded.settings) as client:
-        monkeypatch.setattr(client._enqueuer, "send", _dies_here)
-        with pytest.raises(KeyboardInterrupt):
-            client.submit(prompt, model="mock", max_tokens=8, job_id=job_id)
+        _created_not_queued(client, monkeypatch, prompt, job_id)
         assert client.status(job_id).status == "queued"
         # Retrying with the same id finds the job: it is the sweep that runs it.
-        monkeypatch.undo()
         assert client.submit(prompt, model="mock", max_tokens=8, job_id=job_id).id == job_id
         text = client.subscribe(job_id).text(timeout=30)
         assert client.redis.zscore(client.keys.queued, job_id) is None
@@ -81,9 +88,7 @@ def test_a_job_whose_takeover_message_was_lost_runs_after_the_grace(
     prompt = marker("takeover")
     job_id = "takeover-" + secrets.token_hex(4)
     with Client(settings=stranded.settings) as client:
-        monkeypatch.setattr(client._enqueuer, "send", _dies_here)
-        with pytest.raises(KeyboardInterrupt):
-            client.submit(prompt, model="mock", max_tokens=8, job_id=job_id)
+        _created_not_queued(client, monkeypatch, prompt, job_id)
         client.redis.hset(
             client.keys.state(job_id),
             mapping={"status": "running", "attempt": 1, "requeued": 1, "owner": "dead"},
@@ -99,9 +104,7 @@ def test_a_job_cancelled_while_queued_leaves_the_queued_set_without_running(
 ) -> None:
     job_id = "cancelled-" + secrets.token_hex(4)
     with Client(settings=stranded.settings) as client:
-        monkeypatch.setattr(client._enqueuer, "send", _dies_here)
-        with pytest.raises(KeyboardInterrupt):
-            client.submit(marker("cancel"), model="mock", max_tokens=8, job_id=job_id)
+        _created_not_queued(client, monkeypatch, marker("cancel"), job_id)
         assert client.cancel(job_id).status == "cancelled"
         deadline = time.monotonic() + 10 * GRACE + 10
         while client.redis.zscore(client.keys.queued, job_id) is not None:

@@ -248,19 +248,9 @@ class Runtime:
     def _reap(self) -> None:
         """Re-enqueue running jobs whose lease lapsed (their worker died): a live worker takes
         each over within a lease period, not after the broker's visibility timeout."""
-        ids = [
-            i.decode() if isinstance(i, bytes) else str(i)
-            for i in self.redis.zrange(self.keys.running, 0, REAP_BATCH - 1)
-        ]
+        ids = [_text(i) for i in self.redis.zrange(self.keys.running, 0, REAP_BATCH - 1)]
         ids = [job_id for job_id in ids if job_id not in self.jobs]
-        if not ids:
-            return
-        verdicts = self._each(
-            self.scripts.takeover,
-            [([self.keys.state(job_id), self.keys.lease(job_id)], []) for job_id in ids],
-        )
-        for job_id, verdict in zip(ids, verdicts, strict=True):
-            verdict = verdict.decode() if isinstance(verdict, bytes) else str(verdict)
+        for job_id, verdict in zip(ids, self._judge(self.scripts.takeover, ids), strict=True):
             if verdict in ("gone", "finished"):
                 self.redis.zrem(self.keys.running, job_id)
             elif verdict == "requeue":
@@ -276,28 +266,28 @@ class Runtime:
         second delivery."""
         now = now_ms()
         cutoff = now - int(self.settings.queued_grace * 1000)
-        ids = [
-            i.decode() if isinstance(i, bytes) else str(i)
-            for i in self.redis.zrangebyscore(
-                self.keys.queued, "-inf", cutoff, start=0, num=REAP_BATCH
-            )
-        ]
-        if not ids:
-            return
-        verdicts = self._each(
-            self.scripts.stranded,
-            [([self.keys.state(job_id), self.keys.lease(job_id)], []) for job_id in ids],
-        )
-        for job_id, verdict in zip(ids, verdicts, strict=True):
-            if verdict not in (b"waiting", "waiting"):
+        due = self.redis.zrangebyscore(self.keys.queued, "-inf", cutoff, start=0, num=REAP_BATCH)
+        ids = [_text(i) for i in due]
+        for job_id, verdict in zip(ids, self._judge(self.scripts.stranded, ids), strict=True):
+            if verdict != "waiting":
                 self.redis.zrem(self.keys.queued, job_id)  # claimed, ended or expired
             elif self.scripts.requeue_due(keys=[self.keys.queued], args=[job_id, cutoff, now]):
                 metrics.REQUEUED.inc()
-                waited = (now - cutoff) / 1000
                 log.warning(
-                    "job %s: not taken by any worker in %.0f s; re-enqueued", job_id, waited
+                    "job %s: not taken by any worker in %.0f s; re-enqueued",
+                    job_id,
+                    self.settings.queued_grace,
                 )
                 self.requeue(job_id)
+
+    def _judge(self, script: Any, ids: list[str]) -> list[str]:
+        """``script``'s verdict on each job, from its state and lease (keys of one slot)."""
+        if not ids:
+            return []
+        calls: list[tuple[list[str], list[Any]]] = [
+            ([self.keys.state(job_id), self.keys.lease(job_id)], []) for job_id in ids
+        ]
+        return [_text(verdict) for verdict in self._each(script, calls)]
 
     def _each(self, script: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """Run ``script`` once per (keys, args): one pipelined round trip on a single Redis; one
@@ -345,3 +335,8 @@ class Runtime:
                 job.interrupt("fenced")
             elif result == 1:
                 job.interrupt("cancelled")
+
+
+def _text(value: Any) -> str:
+    """A Redis reply as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
