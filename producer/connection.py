@@ -31,6 +31,11 @@ def _options(max_connections: int | None) -> dict[str, Any]:
     }
 
 
+def reply_text(value: Any) -> str:
+    """A Redis reply (bytes from a client without decoding) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 _CLUSTER_SCHEMES: Final = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import redis
 
+from producer.connection import reply_text
 from producer.protocol import Keys, StateField
 
 
@@ -79,7 +80,7 @@ class RunningJob:
 
 
 def running_jobs(client: redis.Redis, keys: Keys, limit: int = 200) -> list[RunningJob]:
-    ids = [_text(i) for i in client.zrange(keys.running, 0, limit - 1)]
+    ids = [reply_text(i) for i in client.zrange(keys.running, 0, limit - 1)]
     pipe = client.pipeline(transaction=False)
     fields = [
         StateField.STATUS,
@@ -150,7 +151,3 @@ def describe(workers: list[Worker]) -> list[dict[str, Any]]:
         {**w.__dict__, "uptime_s": round(now - w.started, 1), "seen_s_ago": round(now - w.at, 1)}
         for w in workers
     ]
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

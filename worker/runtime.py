@@ -24,7 +24,7 @@ from typing import Any, Final
 import redis
 from prometheus_client import REGISTRY
 
-from producer.connection import is_cluster, publish_command, sync_redis
+from producer.connection import is_cluster, publish_command, reply_text, sync_redis
 from producer.protocol import TASK_NAME, Keys, decode_control
 from producer.settings import Settings
 from worker import metrics
@@ -248,7 +248,7 @@ class Runtime:
     def _reap(self) -> None:
         """Re-enqueue running jobs whose lease lapsed (their worker died): a live worker takes
         each over within a lease period, not after the broker's visibility timeout."""
-        ids = [_text(i) for i in self.redis.zrange(self.keys.running, 0, REAP_BATCH - 1)]
+        ids = [reply_text(i) for i in self.redis.zrange(self.keys.running, 0, REAP_BATCH - 1)]
         ids = [job_id for job_id in ids if job_id not in self.jobs]
         for job_id, verdict in zip(ids, self._judge(self.scripts.takeover, ids), strict=True):
             if verdict in ("gone", "finished"):
@@ -267,11 +267,15 @@ class Runtime:
         now = now_ms()
         cutoff = now - int(self.settings.queued_grace * 1000)
         due = self.redis.zrangebyscore(self.keys.queued, "-inf", cutoff, start=0, num=REAP_BATCH)
-        ids = [_text(i) for i in due]
+        ids = [reply_text(i) for i in due]
+        waiting: list[str] = []
+        gone: list[str] = []  # claimed, ended or expired
         for job_id, verdict in zip(ids, self._judge(self.scripts.stranded, ids), strict=True):
-            if verdict != "waiting":
-                self.redis.zrem(self.keys.queued, job_id)  # claimed, ended or expired
-            elif self.scripts.requeue_due(keys=[self.keys.queued], args=[job_id, cutoff, now]):
+            (waiting if verdict == "waiting" else gone).append(job_id)
+        if gone:
+            self.redis.zrem(self.keys.queued, *gone)
+        for job_id in waiting:
+            if self.scripts.requeue_due(keys=[self.keys.queued], args=[job_id, cutoff, now]):
                 metrics.REQUEUED.inc()
                 log.warning(
                     "job %s: not taken by any worker in %.0f s; re-enqueued",
@@ -287,7 +291,7 @@ class Runtime:
         calls: list[tuple[list[str], list[Any]]] = [
             ([self.keys.state(job_id), self.keys.lease(job_id)], []) for job_id in ids
         ]
-        return [_text(verdict) for verdict in self._each(script, calls)]
+        return [reply_text(verdict) for verdict in self._each(script, calls)]
 
     def _each(self, script: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """Run ``script`` once per (keys, args): one pipelined round trip on a single Redis; one
@@ -335,8 +339,3 @@ class Runtime:
                 job.interrupt("fenced")
             elif result == 1:
                 job.interrupt("cancelled")
-
-
-def _text(value: Any) -> str:
-    """A Redis reply as text."""
-    return value.decode() if isinstance(value, bytes) else str(value)
