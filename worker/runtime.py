@@ -282,7 +282,7 @@ class Runtime:
                     job_id,
                     self.settings.queued_grace,
                 )
-                self.requeue(job_id)
+                self._send(job_id)  # its entry in the queued set was just moved to now
 
     def _judge(self, script: Any, ids: list[str]) -> list[str]:
         """``script``'s verdict on each job, from its state and lease (keys of one slot)."""
@@ -306,9 +306,12 @@ class Runtime:
     def requeue(self, job_id: str) -> None:
         """Put a job back on the queue; its next claim starts a new attempt. It (re)joins the
         queued set, so a message lost on the way is sent again after the queued grace."""
+        self.redis.zadd(self.keys.queued, {job_id: now_ms()}, nx=True)
+        self._send(job_id)
+
+    def _send(self, job_id: str) -> None:
         from worker.app import app
 
-        self.redis.zadd(self.keys.queued, {job_id: now_ms()}, nx=True)
         app.send_task(TASK_NAME, kwargs={"job_id": job_id}, queue=self.keys.queue)
 
     @property
