@@ -26,9 +26,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer import scripts
-from producer.client import cancel_call, create_args, create_keys, override_settings, prepare
+from producer.client import cancel_call, create_call, override_settings, prepare
 from producer.connection import async_redis, is_cluster
-from producer.enqueue import Enqueuer
+from producer.enqueue import Enqueuer, queued_in_script
 from producer.protocol import Event, EventType, Keys, encode_cancel, validate_job_id
 from producer.reading import (
     JobFailedError,
@@ -380,7 +380,9 @@ class AsyncClient:
         self.multiplexer = Multiplexer(self.redis, buffer, sharded=self.sharded)
         self._create = self.redis.register_script(scripts.CREATE)
         self._cancel = self.redis.register_script(scripts.CANCEL)
+        # Built on the first submit: a client that only reads never needs Celery's app.
         self._enqueuer: Enqueuer | None = None
+        self._queued_in_script = queued_in_script(self.settings)
 
     async def close(self) -> None:
         await self.multiplexer.close()
@@ -427,13 +429,19 @@ class AsyncClient:
             await job.open()
         if self.sharded:  # the queued set is on another slot: join it first (see CREATE)
             await self.redis.zadd(self.keys.queued, {job_id: int(time.time() * 1000)}, nx=True)
-        created = await self._create(
-            keys=create_keys(self.keys, job_id, sharded=self.sharded),
-            args=create_args(self.settings, job_id, spec, tenant),
+        if self._enqueuer is None:
+            self._enqueuer = Enqueuer(self.settings)
+        keys, args = create_call(
+            self.settings,
+            self.keys,
+            job_id,
+            spec,
+            tenant,
+            sharded=self.sharded,
+            enqueuer=self._enqueuer if self._queued_in_script else None,
         )
-        if created:
-            if self._enqueuer is None:
-                self._enqueuer = Enqueuer(self.settings)
+        created = await self._create(keys=keys, args=args)
+        if created and not self._queued_in_script:
             try:
                 # kombu's producer blocks; keep it off the event loop.
                 await asyncio.to_thread(self._enqueuer.send, job_id, spec)

@@ -5,8 +5,8 @@
     for token in job.tokens():
         print(token, end="", flush=True)
 
-Jobs are enqueued by task name with Celery's ``send_task``; this package never imports the
-worker. A reader gets every event once and in order whenever it joins (``Subscription``).
+Jobs are enqueued by task name as Celery tasks (``producer.enqueue``); this package never imports
+the worker. A reader gets every event once and in order whenever it joins (``Subscription``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import redis
 
 from producer import scripts
 from producer.connection import is_cluster, publish_command, sync_redis
-from producer.enqueue import Enqueuer
+from producer.enqueue import Enqueuer, queued_in_script
 from producer.protocol import (
     VERSION,
     Event,
@@ -72,27 +72,42 @@ def prepare(settings: Settings, request: dict[str, Any], job_id: str | None) -> 
         raise InvalidJob("job_id", "must be 1 to 64 letters, digits, '-' or '_'") from None
 
 
-def create_keys(keys: Keys, job_id: str, *, sharded: bool) -> list[str]:
-    """Keys of the CREATE script: the job's state, and on a single Redis the queued set (on a
-    cluster it lives on another slot: the producer adds the job to it before creating it)."""
-    return [keys.state(job_id)] if sharded else [keys.state(job_id), keys.queued]
+def create_call(
+    settings: Settings,
+    keys: Keys,
+    job_id: str,
+    spec: JobSpec,
+    tenant: str | None,
+    *,
+    sharded: bool,
+    enqueuer: Enqueuer | None = None,
+) -> tuple[list[str], list[Any]]:
+    """Keys and arguments of the CREATE script for a new job.
 
-
-def create_args(settings: Settings, job_id: str, spec: JobSpec, tenant: str | None) -> list[Any]:
-    """Arguments of the CREATE script for a new job."""
+    On a single Redis the job joins the queued set in the same call (on a cluster the set lives
+    on another slot: the producer adds the job to it before creating it). Given an
+    ``enqueuer`` (the broker is this Redis: ``queued_in_script``), the call also pushes the
+    job's message onto the broker's queue."""
+    spec_dict = spec.to_dict()
     fields: list[Any] = [
         StateField.MODEL,
         spec.model,
         StateField.DIALECT,
         spec.dialect,
         StateField.SPEC,
-        json.dumps(spec.to_dict(), ensure_ascii=False),
+        json.dumps(spec_dict, ensure_ascii=False),
     ]
     if tenant is not None:
         fields += (StateField.TENANT, tenant)
+    script_keys = [keys.state(job_id)] if sharded else [keys.state(job_id), keys.queued]
+    message = ""
+    if enqueuer is not None:
+        assert not sharded, "a cluster is never the broker"
+        script_keys.append(enqueuer.queue)
+        message = enqueuer.message(job_id, spec_dict)
     # A queued job is kept long enough to run; once it ends its keys expire after job_ttl.
     ttl = settings.visibility_timeout + settings.job_ttl
-    return [int(time.time() * 1000), ttl, job_id, *fields]
+    return script_keys, [int(time.time() * 1000), ttl, job_id, message, *fields]
 
 
 def cancelled_prefix(job_id: str) -> str:
@@ -130,6 +145,7 @@ class Client:
         self._cancel = self.redis.register_script(scripts.CANCEL)
         self.sharded = is_cluster(self.settings.redis_url)
         self._enqueuer = Enqueuer(self.settings)
+        self._queued_in_script = queued_in_script(self.settings)
 
     def close(self) -> None:
         self._enqueuer.close()
@@ -184,11 +200,17 @@ class Client:
             job.subscription.open()
         if self.sharded:  # the queued set is on another slot: join it first (see CREATE)
             self.redis.zadd(self.keys.queued, {job_id: int(time.time() * 1000)}, nx=True)
-        created = self._create(
-            keys=create_keys(self.keys, job_id, sharded=self.sharded),
-            args=create_args(self.settings, job_id, spec, tenant),
+        keys, args = create_call(
+            self.settings,
+            self.keys,
+            job_id,
+            spec,
+            tenant,
+            sharded=self.sharded,
+            enqueuer=self._enqueuer if self._queued_in_script else None,
         )
-        if created:
+        created = self._create(keys=keys, args=args)
+        if created and not self._queued_in_script:
             try:
                 self._enqueuer.send(job_id, spec)
             except Exception:

@@ -19,16 +19,19 @@ from __future__ import annotations
 
 from typing import Final
 
-# KEYS: state[, queued]. ARGV: created_ms, ttl, job id, then field/value pairs.
+# KEYS: state[, queued[, queue]]. ARGV: created_ms, ttl, job id, message, then field/value pairs.
 # Returns 1 if created, 0 if the job existed already. With the queued set (a single Redis: on a
 # cluster it is on another slot and the producer adds the job itself, before this call), a
-# created job joins it, scored by its creation.
+# created job joins it, scored by its creation. With the broker's queue (the broker is this
+# Redis), the job's message is pushed there as kombu's Redis transport would push it: a job is
+# never created without its message, nor queued twice.
 CREATE: Final = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 if KEYS[2] then redis.call('ZADD', KEYS[2], ARGV[1], ARGV[3]) end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('HSET', KEYS[1], 'status', 'queued', 'created', ARGV[1], 'attempt', 0, 'seq', -1)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+if KEYS[3] then redis.call('LPUSH', KEYS[3], ARGV[4]) end
 return 1
 """
 

@@ -1,7 +1,9 @@
 """Jobs whose queue message was lost: created, never claimed. A worker puts each back on the
 queue once it has waited past the queued grace, so nothing accepted stays ``queued`` for ever.
 
-A worker of its own (prefix ``trstrand``) runs with a queued grace of one second.
+A worker of its own (prefix ``trstrand``) runs with a queued grace of one second. Its broker is
+another database of the session's Redis: when the broker is the jobs' own Redis, a job's message
+is queued in the call that creates it, and a producer cannot die in between.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def stranded(
         upstream_url=mock.url,
         upstream_api_key=api_key,
         queued_grace=str(GRACE),
+        broker_url=redis_server.url.removesuffix("/0") + "/1",
     )
     process = start_worker(env, concurrency=10, name="stranded@%h", log_path=run_dir / "s.log")
     try:

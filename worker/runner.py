@@ -237,6 +237,7 @@ def _create_state(runtime: Runtime, job_id: str, spec_data: Mapping[str, Any]) -
         now_ms(),
         runtime.settings.job_ttl + int(runtime.settings.visibility_timeout),
         job_id,
+        "",  # no message to queue: this one is being delivered
         StateField.SPEC,
         json.dumps(spec_data),
     )

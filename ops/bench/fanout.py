@@ -27,7 +27,7 @@ from ops.bench.readers import PROMPT, JobCheck, Tally, model_for, parse_stamp
 from ops.bench.stats import Summary
 from ops.bench.tap import Tap
 from producer import scripts
-from producer.client import create_args, create_keys, prepare
+from producer.client import create_call, prepare
 from producer.enqueue import Enqueuer
 from producer.protocol import EventType
 
@@ -308,10 +308,9 @@ def run_fanout(
         request = {"prompt": PROMPT, "model": model_for(spec.delay_ms), "max_tokens": spec.tokens}
         jobs: list[tuple[str, Any]] = [prepare(settings, request, None) for _ in range(spec.jobs)]
         for job_id, job_spec in jobs:
-            create(
-                keys=create_keys(fleet.keys, job_id, sharded=False),
-                args=create_args(settings, job_id, job_spec, None),
-            )
+            # Created first, queued once every reader is connected.
+            keys, args = create_call(settings, fleet.keys, job_id, job_spec, None, sharded=False)
+            create(keys=keys, args=args)
         idle = rss_kib(gateway_pid)
         tap = Tap(fleet.redis_url, fleet.prefix, fleet.workdir / "tap.txt").start()
         try:

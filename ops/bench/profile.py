@@ -33,7 +33,7 @@ from ops.bench.fleet import BenchFleet
 from ops.bench.readers import Load, Tally, drive, follow_one, model_for
 from producer import scripts
 from producer.aio import AsyncClient
-from producer.client import create_args, create_keys
+from producer.client import create_call
 from producer.protocol import Keys
 from producer.settings import Settings
 from producer.spec import JobSpec
@@ -245,10 +245,8 @@ def profile_worker(fleet: BenchFleet, load: Load, jobs: int) -> Profile:
             def work() -> int:
                 for _ in range(jobs):
                     job_id = uuid.uuid4().hex
-                    create(
-                        keys=create_keys(keys, job_id, sharded=False),
-                        args=create_args(settings, job_id, spec, None),
-                    )
+                    call_keys, args = create_call(settings, keys, job_id, spec, None, sharded=False)
+                    create(keys=call_keys, args=args)
                     outcome = run_job(runtime, job_id, spec.to_dict())
                     if outcome != "done":
                         raise RuntimeError(f"profiled job {job_id} ended {outcome}")
