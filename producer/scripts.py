@@ -12,7 +12,7 @@ Every script is idempotent where a retry after a lost reply can happen:
 - ``RELEASE``  worker: give a job back to the queue (graceful shutdown), keeping its log.
 - ``TAKEOVER`` worker: decide, once per attempt, to re-enqueue a running job whose lease lapsed.
 - ``STRANDED``  worker: whether a job of the queued set still waits for a delivery.
-- ``REQUEUE_DUE`` worker: decide, once per queued grace, to re-enqueue a job left unclaimed.
+- ``REQUEUE_DUE`` worker: decide, once per wait, to re-enqueue a job left unclaimed.
 """
 
 from __future__ import annotations
@@ -145,22 +145,23 @@ return 'requeue'
 """
 
 # KEYS: state, lease. Run by the reapers for each job of the queued set past the queued grace.
-# Returns 'waiting' if the job still waits for a delivery: queued, or running with no lease
-# after a takeover re-enqueued its attempt (the claim of that message starts a new attempt);
-# anything else ('gone') has had its delivery, has ended, or has expired.
+# Returns the job's creation time (ms) if it still waits for a delivery: queued, or running with
+# no lease after a takeover re-enqueued its attempt (the claim of that message starts a new
+# attempt); nil if it has had its delivery, has ended, or has expired.
 STRANDED: Final = """
 local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'queued' then return 'waiting' end
+local waiting = status == 'queued'
 if status == 'running' and redis.call('EXISTS', KEYS[2]) == 0 then
-  local attempt = redis.call('HGET', KEYS[1], 'attempt')
-  if redis.call('HGET', KEYS[1], 'requeued') == attempt then return 'waiting' end
+  waiting = redis.call('HGET', KEYS[1], 'requeued') == redis.call('HGET', KEYS[1], 'attempt')
 end
-return 'gone'
+if not waiting then return false end
+return redis.call('HGET', KEYS[1], 'created') or '0'
 """
 
-# KEYS: queued. ARGV: job id, cutoff_ms, now_ms.
+# KEYS: queued. ARGV: job id, cutoff_ms, next_ms.
 # Returns 1 if the caller is to put the job on the queue again: its entry is older than the
-# cutoff, and is moved to now, so that another worker looking at the same moment does not.
+# cutoff. The entry is moved to next_ms, so that another worker looking at the same moment does
+# not, and the next look at it comes later (the caller moves it further the older the job is).
 REQUEUE_DUE: Final = """
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not score or tonumber(score) > tonumber(ARGV[2]) then return 0 end

@@ -8,6 +8,8 @@ is queued in the call that creates it, and a producer cannot die in between.
 
 from __future__ import annotations
 
+import itertools
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -17,7 +19,14 @@ import pytest
 import redis
 
 from producer import Client
-from producer.devservers import Process, RedisServer, start_worker, wait_worker_ready, worker_env
+from producer.devservers import (
+    Process,
+    RedisServer,
+    start_worker,
+    wait_worker_ready,
+    worker_args,
+    worker_env,
+)
 from producer.mock_upstream import generate
 from producer.protocol import Keys
 from producer.scripts import REQUEUE_DUE
@@ -115,6 +124,50 @@ def test_a_job_cancelled_while_queued_leaves_the_queued_set_without_running(
             time.sleep(0.1)
         assert client.status(job_id).status == "cancelled"
     assert f"job {job_id}: not taken" not in stranded.process.output()
+
+
+def test_a_job_left_waiting_is_queued_again_less_and_less_often(
+    redis_server: RedisServer,
+    mock: Mock,
+    api_key: str,
+    run_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A backlog longer than the grace: nobody takes the job (this worker consumes another
+    queue), so every message the sweep sends stays queued. The sweep sends one after the grace,
+    then waits as long as the job's age before the next, instead of sending one every grace."""
+    env = worker_env(
+        redis_server.url,
+        "trbackoff",
+        upstream_url=mock.url,
+        upstream_api_key=api_key,
+        queued_grace=str(GRACE),
+        broker_url=redis_server.url.removesuffix("/0") + "/1",
+    )
+    args = [*worker_args(concurrency=4, name="backoff@%h"), "-Q", "trbackoff.elsewhere"]
+    process = Process(args, env=env, log_path=run_dir / "backoff.log")
+    job_id = "backoff-" + secrets.token_hex(4)
+    settings = Settings.from_env(env)
+    broker = redis.Redis.from_url(settings.broker_url)
+    try:
+        wait_worker_ready(process)
+        with Client(settings=settings) as client:
+            _created_not_queued(client, monkeypatch, marker("backoff"), job_id)
+            deadline = time.monotonic() + 20
+            while broker.llen(client.keys.queue) < 3:
+                assert time.monotonic() < deadline, process.output()[-2000:]
+                time.sleep(0.05)
+            client.cancel(job_id)
+        found = re.findall(rf"job {job_id}: not taken by any worker ([0-9.]+) s", process.output())
+        ages = [float(age) for age in found]
+    finally:
+        process.stop()
+        broker.delete(Keys("trbackoff").queue)
+        broker.close()
+    assert len(ages) == 3, ages  # one message per re-enqueue, and no other
+    assert GRACE <= ages[0] < ages[1] < ages[2]
+    for earlier, later in itertools.pairwise(ages):
+        assert later - earlier >= earlier - 0.15, ages  # waited at least the job's age
 
 
 def test_jobs_that_ran_are_not_left_in_the_queued_set(fleet: Fleet) -> None:

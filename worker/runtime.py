@@ -57,6 +57,8 @@ REDIS_READ_SIZE: Final = 8 * 1024
 CLUSTER_CONNECTIONS: Final = 1024  # per node
 REAP_EVERY: Final = 1.0  # seconds between looks for jobs whose worker died
 REAP_BATCH: Final = 1000
+# The longest wait between two re-enqueues of a job that stays unclaimed, in queued graces.
+QUEUED_BACKOFF_LIMIT: Final = 8
 
 
 @dataclass(eq=False)
@@ -263,26 +265,42 @@ class Runtime:
         lost (a producer that died between creating the job and queueing it, a worker killed
         between taking a message off the queue and recording it, a takeover's message lost on
         its way). A job whose message was only slow is delivered twice; its claim drops the
-        second delivery."""
+        second delivery. A job still waiting after that is looked at again after a wait as
+        long as its age (at most ``QUEUED_BACKOFF_LIMIT`` graces): a backlog longer than the
+        grace gets a few extra messages per job, not one per grace."""
         now = now_ms()
-        cutoff = now - int(self.settings.queued_grace * 1000)
+        grace = int(self.settings.queued_grace * 1000)
+        cutoff = now - grace
         due = self.redis.zrangebyscore(self.keys.queued, "-inf", cutoff, start=0, num=REAP_BATCH)
         ids = [reply_text(i) for i in due]
-        waiting: list[str] = []
+        calls: list[tuple[list[str], list[Any]]] = [
+            ([self.keys.state(job_id), self.keys.lease(job_id)], []) for job_id in ids
+        ]
+        waiting: list[tuple[str, int]] = []
         gone: list[str] = []  # claimed, ended or expired
-        for job_id, verdict in zip(ids, self._judge(self.scripts.stranded, ids), strict=True):
-            (waiting if verdict == "waiting" else gone).append(job_id)
+        for job_id, created in zip(ids, self._each(self.scripts.stranded, calls), strict=True):
+            if created is None:
+                gone.append(job_id)
+            else:
+                waiting.append((job_id, int(created)))
         if gone:
             self.redis.zrem(self.keys.queued, *gone)
-        for job_id in waiting:
-            if self.scripts.requeue_due(keys=[self.keys.queued], args=[job_id, cutoff, now]):
+        for job_id, created in waiting:
+            age = max(0, now - created)
+            wait = min(max(grace, age), QUEUED_BACKOFF_LIMIT * grace)
+            # The entry's score is when its grace began: the next look comes ``wait`` from now.
+            if self.scripts.requeue_due(
+                keys=[self.keys.queued], args=[job_id, cutoff, now + wait - grace]
+            ):
                 metrics.REQUEUED.inc()
                 log.warning(
-                    "job %s: not taken by any worker in %.0f s; re-enqueued",
+                    "job %s: not taken by any worker %.1f s after its creation; re-enqueued "
+                    "(next look in %.1f s)",
                     job_id,
-                    self.settings.queued_grace,
+                    age / 1000,
+                    wait / 1000,
                 )
-                self._send(job_id)  # its entry in the queued set was just moved to now
+                self._send(job_id)  # its entry in the queued set was just moved on
 
     def _judge(self, script: Any, ids: list[str]) -> list[str]:
         """``script``'s verdict on each job, from its state and lease (keys of one slot)."""
