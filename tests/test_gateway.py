@@ -3,10 +3,12 @@ requests) against a gateway process in front of a real worker and the mock upstr
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -15,11 +17,12 @@ import sseclient
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from producer import Client, EventType, Status
+from producer import AsyncClient, Client, EventType, Status
 from producer.gateway import compat
+from producer.gateway.feeds import Feeds
 from producer.mock_upstream import generate
 from producer.protocol import LOG_FIELD, decode, encode, log_entry_id, make_event
-from tests.conftest import Gateway, Mock, marker
+from tests.conftest import Fleet, Gateway, Mock, marker
 
 
 def expected(prompt: str, max_tokens: int) -> str:
@@ -367,6 +370,46 @@ def test_two_readers_of_one_job_get_the_same_events(gateway: Gateway) -> None:
     for thread in threads:
         thread.join(30)
     assert results[0] == results[1] and len(results[0]) == 42
+
+
+def test_readers_of_one_job_share_one_feed_until_the_last_leaves(
+    fleet: Fleet, client: Client
+) -> None:
+    """In process: the gateway's feeds (``producer/gateway/feeds.py``) against the session's
+    Redis and worker. Readers joining at different points share one read of the job; the feed
+    stops and unsubscribes when its last reader leaves, while the job runs on."""
+    prompt = marker("feed")
+
+    async def collect(frames: AsyncIterator[bytes]) -> bytes:
+        return b"".join([chunk async for chunk in frames])
+
+    async def body() -> tuple[str, bytes, bytes, bytes, str, int]:
+        async with AsyncClient(settings=fleet.settings) as aclient:
+            feeds = Feeds(aclient, keepalive=15)
+            job = await aclient.submit(prompt, model="mock?delay_ms=20", max_tokens=40)
+            early = feeds.frames(job.id, -1)
+            head = await anext(early)  # the feed has started and sent something
+            late, resumed = feeds.frames(job.id, -1), feeds.frames(job.id, 20)
+            assert len(feeds) == 1
+            reads = await asyncio.gather(collect(early), collect(late), collect(resumed))
+            assert len(feeds) == 0 and aclient.multiplexer.channels == 0
+            # A reader that leaves mid-job takes the feed (and its subscription) with it.
+            other = await aclient.submit(prompt, model="mock?delay_ms=20", max_tokens=40)
+            lone = feeds.frames(other.id, -1)
+            await anext(lone)
+            await lone.aclose()  # type: ignore[attr-defined]
+            channels = aclient.multiplexer.channels
+            await (await aclient.subscribe(other.id)).text(timeout=30)
+            return job.id, head + reads[0], reads[1], reads[2], other.id, channels
+
+    job_id, early, late, resumed, other_id, channels = asyncio.run(asyncio.wait_for(body(), 60))
+    entries = client.redis.xrange(client.keys.log(job_id))
+    expected_frames = [event_frame(values[LOG_FIELD.encode()]) for _, values in entries]
+    assert len(expected_frames) == 42
+    assert sse_frames(early) == sse_frames(late) == expected_frames
+    assert sse_frames(resumed) == expected_frames[21:]
+    assert channels == 0
+    assert client.status(other_id).status is Status.DONE
 
 
 def test_cancel_through_the_api(gateway: Gateway, mock: Mock) -> None:

@@ -33,10 +33,11 @@ from starlette.routing import Route
 from producer.aio import AsyncClient, AsyncJob
 from producer.gateway import compat, metrics
 from producer.gateway.auth import Auth, Unauthorized
+from producer.gateway.feeds import Feeds
 from producer.gateway.openapi import OPENAPI
 from producer.gateway.sse import DONE_FRAME, KEEPALIVE_FRAME, EventStream, frame
-from producer.protocol import Event, EventType, Keys, ProtocolError, encode, validate_job_id
-from producer.reading import JobNotFound, JobState, Published, Transcript
+from producer.protocol import Event, EventType, Keys, ProtocolError, validate_job_id
+from producer.reading import JobNotFound, JobState, Transcript
 from producer.settings import Settings
 from producer.spec import InvalidJob
 
@@ -78,6 +79,7 @@ class Gateway:
         self.client = AsyncClient(
             settings=settings, max_connections=REDIS_CONNECTIONS, client_name="tokenrelay-gateway"
         )
+        self.feeds = Feeds(self.client, settings.keepalive_seconds)
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -241,9 +243,8 @@ class Gateway:
         tenant = self.auth.tenant(request, allow_query=True)
         state = await self.owned(request.path_params["job_id"], tenant)
         after = _last_event_id(request)
-        job = await self.client.subscribe(state.job_id, after=after)
         # A reader that leaves only detaches: the job runs on for its other readers.
-        return EventStream(_job_frames(job, self.settings.keepalive_seconds))
+        return EventStream(self.feeds.frames(state.job_id, after))
 
     # --- the rest -----------------------------------------------------------------------------
 
@@ -335,35 +336,6 @@ def _has_token(events: list[Event]) -> bool:
 def _refused(head: list[Event]) -> bool:
     """Whether the job failed before its first token."""
     return head[-1].terminal and not _has_token(head) and head[-1].type is not EventType.DONE
-
-
-def _event_frame(item: Published) -> bytes:
-    """A protocol event as SSE: ``id:`` its seq, ``data:`` the bytes it was published as (what
-    ``encode`` makes of it: the worker publishes with ``encode``)."""
-    data = item.data
-    if b"\n" in data or b"\r" in data:
-        data = encode(item.event)  # not compact JSON; its compact form keeps the frame one event
-    return frame(data, item.event.seq)
-
-
-async def _job_frames(job: AsyncJob, keepalive: float) -> AsyncIterator[bytes]:
-    """A job's events as SSE frames, those ready together in one chunk, and a comment
-    whenever ``keepalive`` seconds pass without a frame (the reader's own wait times out: no
-    task or timer per frame)."""
-    loop = asyncio.get_running_loop()
-    quiet_until = loop.time() + keepalive
-    try:
-        while not job.done:
-            batch = await job.next_events(quiet_until - loop.time())
-            if batch:
-                yield b"".join([_event_frame(item) for item in batch])
-            elif loop.time() >= quiet_until:
-                yield KEEPALIVE_FRAME
-            else:
-                continue
-            quiet_until = loop.time() + keepalive
-    finally:
-        await job.close()
 
 
 async def _compat_frames(
