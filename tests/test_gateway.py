@@ -4,6 +4,7 @@ requests) against a gateway process in front of a real worker and the mock upstr
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import socket
 import threading
@@ -410,6 +411,32 @@ def test_readers_of_one_job_share_one_feed_until_the_last_leaves(
     assert sse_frames(resumed) == expected_frames[21:]
     assert channels == 0
     assert client.status(other_id).status is Status.DONE
+
+
+def test_a_reader_that_stops_reading_holds_up_no_other_reader(gateway: Gateway) -> None:
+    """A client that opens the stream and reads nothing (a small receive window, so the
+    gateway's writes to it back up) while another reads the same job to its end; then it reads
+    too, and gets every event once, in order."""
+    tokens = 60_000  # about 6.5 MB of frames: more than the kernel buffers between the two
+    job = create(gateway, prompt=marker("stuck"), model="mock?delay_ms=0", max_tokens=tokens)
+    host, port = gateway.url.removeprefix("http://").split(":")
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.settimeout(60)
+    stuck.connect((host, int(port)))
+    stuck.sendall(f"GET {job['events_url']} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    try:
+        time.sleep(0.5)  # the stuck client has joined; its frames start backing up
+        with requests.get(gateway.url + job["events_url"], stream=True, timeout=60) as response:
+            events = read_sse(response)
+        assert [seq for seq, _ in events] == list(range(tokens + 2))
+        late = http.client.HTTPResponse(stuck)
+        late.begin()
+        assert late.status == 200
+        frames = sse_frames(late.read())
+    finally:
+        stuck.close()
+    assert [decode(f.split(b"data: ", 1)[1][:-2]).seq for f in frames] == list(range(tokens + 2))
 
 
 def test_cancel_through_the_api(gateway: Gateway, mock: Mock) -> None:
