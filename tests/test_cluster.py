@@ -4,21 +4,26 @@ on one slot. The broker stays the session's standalone Redis."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+import requests
+import sseclient
 from redis.cluster import RedisCluster
 
 from producer import AsyncClient, Client, EventType
 from producer.devservers import Process, RedisServer, free_port, start_worker, wait_worker_ready
 from producer.mock_upstream import generate
+from producer.protocol import Keys
 from producer.settings import Settings
-from tests.conftest import Fleet, marker
+from tests.conftest import Fleet, _start_gateway, marker
 from tests.test_pipeline import assert_well_formed, token_text
 
 pytestmark = pytest.mark.slow
@@ -183,3 +188,61 @@ def test_channels_are_sharded_and_cancel_reaches_the_worker(
                 client.cancel(job.id)
         assert events[-1].type is EventType.CANCELLED
         assert_well_formed(events, job.id)
+
+
+def test_the_gateway_serves_jobs_on_every_shard(
+    cluster_fleet: tuple[Cluster, dict[str, str]], fleet: Fleet, run_dir: Path
+) -> None:
+    cluster, env = cluster_fleet
+    names = ("TOKENRELAY_REDIS_URL", "TOKENRELAY_BROKER_URL", "TOKENRELAY_PREFIX")
+    gateway = _start_gateway("cluster", fleet, run_dir, {name: env[name] for name in names})
+    try:
+        prompts = [marker(f"gwshard{i}") for i in range(12)]
+        jobs = [
+            requests.post(
+                gateway.url + "/v1/jobs",
+                json={"prompt": p, "model": "mock?delay_ms=10", "max_tokens": 20},
+                timeout=10,
+            ).json()
+            for p in prompts
+        ]
+        keys = Keys(env["TOKENRELAY_PREFIX"])
+        assert len({cluster.node_port_of(keys.channel(job["id"])) for job in jobs}) == 3
+        texts: dict[tuple[int, int], str] = {}
+
+        def read(index: int, reader: int) -> None:
+            url = gateway.url + jobs[index]["events_url"]
+            with requests.get(url, stream=True, timeout=30) as response:
+                events = [json.loads(e.data) for e in sseclient.SSEClient(response).events()]  # type: ignore[arg-type]
+            assert [e["seq"] for e in events] == list(range(22))
+            texts[index, reader] = "".join(e["text"] for e in events if e["type"] == "token")
+
+        threads = [
+            threading.Thread(target=read, args=(index, reader))
+            for index in range(len(jobs))
+            for reader in range(2)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(40)
+        assert texts == {
+            (index, reader): "".join(generate(prompts[index], 20)[0])
+            for index in range(len(jobs))
+            for reader in range(2)
+        }
+        # A compatibility route too: Together's API, streamed.
+        prompt = marker("gwtogether")
+        with requests.post(
+            gateway.url + "/inference",
+            json={"prompt": prompt, "model": "mock", "max_tokens": 8, "stream_tokens": True},
+            stream=True,
+            timeout=30,
+        ) as response:
+            data = [e.data for e in sseclient.SSEClient(response).events()]  # type: ignore[arg-type]
+        assert data[-1] == "[DONE]"
+        text = "".join(json.loads(d)["choices"][0]["text"] for d in data[:-1])
+        assert text == "".join(generate(prompt, 8)[0])
+        assert requests.get(gateway.url + "/healthz", timeout=10).json()["ok"] is True
+    finally:
+        gateway.process.stop()
