@@ -446,7 +446,9 @@ class AsyncClient:
                 # kombu's producer blocks; keep it off the event loop.
                 await asyncio.to_thread(self._enqueuer.send, job_id, spec)
             except Exception:
+                # Not accepted: leave no queued job behind that no worker will ever run.
                 await self.redis.delete(self.keys.state(job_id))
+                await self.redis.zrem(self.keys.queued, job_id)
                 await job.close()
                 raise
         return job

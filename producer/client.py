@@ -216,6 +216,7 @@ class Client:
             except Exception:
                 # Not accepted: leave no queued job behind that no worker will ever run.
                 self.redis.delete(self.keys.state(job_id))
+                self.redis.zrem(self.keys.queued, job_id)
                 raise
         return job
 

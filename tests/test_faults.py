@@ -545,3 +545,85 @@ def test_a_redis_error_before_the_claim_delivers_the_job_again(
     assert token_text(events) == "".join(generate(prompt, 10)[0])
     assert [e.type for e in events].count(EventType.START) == 1
     assert fclient.status(job.id).status is Status.DONE
+
+
+# --- the broker ---------------------------------------------------------------------------------
+
+
+def test_a_broker_outage_refuses_submits_and_spares_running_streams(
+    faults: FaultFleet, fclient: Client
+) -> None:
+    """The broker (a Redis of its own, no persistence) stops for a second while a job streams.
+    A submit meanwhile fails with the broker's error and leaves no job behind; the running job
+    carries on (no ``restart``) and ends ``done`` with its full text; once the broker is back,
+    new jobs run."""
+    prompt = marker("broker")
+    job = fclient.submit(prompt=prompt, model="mock?delay_ms=20", max_tokens=150, follow=True)
+    events, _ = follow(job, timeout=90)
+    wait_for(lambda: len(events) > 10, 20, "no progress")
+    port, directory = faults.broker.port, faults.broker.directory
+    faults.broker.stop()
+    down_at = time.monotonic()
+    refused = marker("refused")
+    try:
+        with pytest.raises(Exception) as raised:
+            fclient.submit(prompt=refused, model="mock", max_tokens=3, job_id=refused[1:-1])
+        refused_after = time.monotonic() - down_at
+        assert not fclient.redis.exists(fclient.keys.state(refused[1:-1]))
+        assert fclient.redis.zscore(fclient.keys.queued, refused[1:-1]) is None
+    finally:
+        time.sleep(max(0.0, 1.0 - (time.monotonic() - down_at)))
+        faults.broker = RedisServer(port=port, directory=directory).start()
+    wait_done(events, 60)
+    MEASURED["broker_outage_submit_refused_after_s"] = round(refused_after, 2)
+    assert "Connection refused" in str(raised.value) or "connect" in str(raised.value).lower()
+    assert events[-1].type is EventType.DONE, events[-1]
+    assert final_attempt_text(events) == "".join(generate(prompt, 150)[0])
+    assert EventType.RESTART not in [e.type for e in events]  # the stream carried on
+    back = marker("back")
+    started = time.monotonic()
+    events_after, _ = run_job(fclient, back, "mock", max_tokens=5)
+    MEASURED["broker_back_job_done_s"] = round(time.monotonic() - started, 2)
+    assert events_after[-1].type is EventType.DONE
+    assert token_text(events_after) == "".join(generate(back, 5)[0])
+    assert all(w.alive() for w in faults.workers)
+
+
+def test_one_redis_for_events_and_broker_restarted_mid_stream(
+    run_dir: Path, mock: Mock, api_key: str
+) -> None:
+    """The default deployment: one Redis (append-only) is both the event bus and the broker. It
+    restarts while a job streams: the worker's consumer reconnects, and the stream itself carries
+    on (no ``restart``) once its publishes get through again."""
+    directory = run_dir / "single-redis"
+    directory.mkdir()
+    server = RedisServer(directory=directory, appendonly=True).start()
+    env = worker_env(
+        server.url, "trsingle", upstream_url=mock.url, upstream_api_key=api_key, lease_seconds="5"
+    )
+    worker = start_worker(env, concurrency=10, name="single@%h", log_path=directory / "w.log")
+    try:
+        wait_worker_ready(worker)
+        with Client(settings=Settings.from_env(env)) as client:
+            prompt = marker("single")
+            job = client.submit(
+                prompt=prompt, model="mock?delay_ms=20", max_tokens=150, follow=True
+            )
+            events, _ = follow(job, timeout=90)
+            wait_for(lambda: len(events) > 10, 20, "no progress")
+            port = server.port
+            server.stop()
+            time.sleep(0.5)
+            server = RedisServer(port=port, directory=directory, appendonly=True).start()
+            wait_done(events, 60)
+            assert events[-1].type is EventType.DONE, events[-1]
+            assert EventType.RESTART not in [e.type for e in events]
+            assert token_text(events) == "".join(generate(prompt, 150)[0])
+            assert log_is_clean(client, job.id) == events
+            after = marker("single-after")
+            done, _ = run_job(client, after, "mock", max_tokens=5)
+            assert token_text(done) == "".join(generate(after, 5)[0])
+        assert worker.alive()
+    finally:
+        worker.stop()
+        server.stop()

@@ -6,7 +6,12 @@ Start a worker the Celery way: ``celery -A worker worker -P gevent -c 200``. Set
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 from celery import Celery
+from celery.exceptions import CPendingDeprecationWarning
+from celery.signals import worker_ready
 
 from producer import logs
 from producer.protocol import Keys
@@ -42,12 +47,31 @@ app.conf.update(
         "visibility_timeout": settings.visibility_timeout,
         "max_connections": BROKER_CONNECTIONS,
     },
-    worker_cancel_long_running_tasks_on_connection_loss=True,
+    # A lost broker connection does not stop the streams: a job needs the broker only to be
+    # delivered and acknowledged. (Celery's own default from 6.0 on cancels tasks with late
+    # acknowledgement, so that the broker's redelivery is their only copy; here that would start
+    # every running stream over, and a redelivered message of a job that ran is dropped at its
+    # claim.)
+    worker_cancel_long_running_tasks_on_connection_loss=False,
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
     worker_send_task_events=False,
     task_send_sent_event=False,
 )
+
+
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def _quiet_connection_loss_notice(**_: Any) -> None:
+    """Celery warns at every broker connection loss that the setting above will default to True
+    in 6.0; it is off on purpose. (Filtered once the worker is up: Celery's logging setup turns
+    its deprecation warnings back on.)"""
+    warnings.filterwarnings(
+        "ignore",
+        message=r"(?s).*worker_cancel_long_running_tasks_on_connection_loss",
+        category=CPendingDeprecationWarning,
+    )
+
+
 if settings.broker_url.startswith("redis://"):
     # kombu's Redis transport with one client for its per-message commands (worker/broker.py).
     app.conf.broker_transport = "worker.broker:Transport"
