@@ -3,6 +3,7 @@ error messages, and neither must ``repr`` of the settings or the client."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -135,3 +136,51 @@ def test_no_proxy_for_the_upstream_host_goes_direct(
         )
     client.close()
     assert caught.value.status == 401  # the upstream itself answered
+
+
+async def echo_request(request: Request) -> Response:
+    """Streams back, as one completion token, what it was sent; and sets a cookie."""
+    seen = {
+        "headers": {
+            k: v for k, v in request.headers.items() if k not in ("host", "content-length")
+        },
+        "body": json.loads(await request.body()),
+    }
+    event = json.dumps({"choices": [{"text": json.dumps(seen)}]})
+    body = f"data: {event}\n\ndata: [DONE]\n\n".encode()
+    response = Response(body, media_type="text/event-stream")
+    response.set_cookie("session", "from-an-earlier-job")
+    return response
+
+
+def test_each_job_sends_its_own_body_the_key_and_no_cookie() -> None:
+    app = Starlette(routes=[Route("/v1/completions", echo_request, methods=["POST"])])
+    dialect = dialects.get("openai-completions")
+    jobs = [
+        JobSpec.from_dict(
+            {"prompt": prompt, "dialect": "openai-completions", "max_tokens": 7},
+            default_model="m",
+            default_dialect="openai-completions",
+            max_prompt_bytes=1000,
+        )
+        for prompt in ("first job", "second job")
+    ]
+    seen = []
+    with asgi_in_thread(app) as url:
+        client = UpstreamClient(url, KEY, connect_timeout=2, read_timeout=2)
+        for job in jobs:
+            stream = client.open(dialect, job, Continuation(), before_read=lambda: None)
+            seen.append(json.loads("".join(d.text for d in stream.deltas())))
+            stream.close()
+        client.close()
+    for job, request in zip(jobs, seen, strict=True):
+        assert request["body"] == dialect.build(job, Continuation())
+        # The first response set a cookie: the second request does not send it back.
+        assert request["headers"] == {
+            "accept": "text/event-stream",
+            "accept-encoding": "identity",
+            "user-agent": "tokenrelay",
+            "authorization": f"Bearer {KEY}",
+            "connection": "keep-alive",
+            "content-type": "application/json",
+        }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import http.cookiejar
 import json
 import os
 import socket
@@ -65,6 +66,8 @@ class UpstreamClient:
         # ~/.netrc entry replace the Authorization header. Read the proxies and the CA bundle
         # once instead; no netrc.
         self.session.trust_env = False
+        self.session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+        self._requests: dict[str, requests.PreparedRequest] = {}
         self.session.proxies.update(requests.utils.get_environ_proxies(self.base_url))
         bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
         if bundle:
@@ -87,6 +90,25 @@ class UpstreamClient:
     def __repr__(self) -> str:  # never show the key
         return f"UpstreamClient({self.base_url!r})"
 
+    def _prepared(self, path: str) -> requests.PreparedRequest:
+        """The request to ``path`` without its body, prepared once: every job's request is a
+        copy with the job's JSON body. ``Session.post`` would merge the session's settings into
+        a new request each time (about 0.2 ms of CPU per job). No cookies are kept or sent: one
+        job's response does not shape another job's request."""
+        prepared = self._requests.get(path)
+        if prepared is None:
+            headers = {
+                "Accept": "text/event-stream",
+                # The body is read raw, in the chunks the network gives: never compressed.
+                "Accept-Encoding": "identity",
+                "User-Agent": _USER_AGENT,
+            }
+            if self._api_key:
+                headers["Authorization"] = f"Bearer {self._api_key}"
+            request = requests.Request("POST", self.base_url + path, headers=headers)
+            prepared = self._requests[path] = self.session.prepare_request(request)
+        return prepared
+
     def open(
         self,
         dialect: Dialect,
@@ -97,23 +119,11 @@ class UpstreamClient:
         read_timeout: float | None = None,
     ) -> UpstreamStream:
         """Send the job's request; raise an ``UpstreamError`` unless the stream began."""
-        headers = {
-            "Accept": "text/event-stream",
-            # The body is read raw, in the chunks the network gives: never compressed.
-            "Accept-Encoding": "identity",
-            "User-Agent": _USER_AGENT,
-        }
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
+        request = self._prepared(dialect.path).copy()
+        request.prepare_body(data=None, files=None, json=dialect.build(spec, done))
         timeout = (self.connect_timeout, read_timeout or self.read_timeout)
         try:
-            response = self.session.post(
-                self.base_url + dialect.path,
-                json=dialect.build(spec, done),
-                headers=headers,
-                stream=True,
-                timeout=timeout,
-            )
+            response = self.session.send(request, stream=True, timeout=timeout)
         except requests.exceptions.ConnectTimeout:
             raise UpstreamUnavailable("could not connect to the upstream: timed out") from None
         except requests.exceptions.Timeout:
