@@ -26,7 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer import scripts
-from producer.client import cancel_call, create_call, override_settings, prepare
+from producer.client import cancel_call, create_caller, override_settings, prepare
 from producer.connection import async_redis, is_cluster
 from producer.enqueue import Enqueuer, queued_in_script
 from producer.protocol import Event, EventType, Keys, encode_cancel, validate_job_id
@@ -380,14 +380,13 @@ class AsyncClient:
         self.multiplexer = Multiplexer(self.redis, buffer, sharded=self.sharded)
         self._create = self.redis.register_script(scripts.CREATE)
         self._cancel = self.redis.register_script(scripts.CANCEL)
-        # Built on the first submit: a client that only reads never needs Celery's app.
-        self._enqueuer: Enqueuer | None = None
+        self._enqueuer = Enqueuer(self.settings)
         self._queued_in_script = queued_in_script(self.settings)
+        self._create_call = create_caller(self.settings, self._enqueuer, sharded=self.sharded)
 
     async def close(self) -> None:
         await self.multiplexer.close()
-        if self._enqueuer is not None:
-            await asyncio.to_thread(self._enqueuer.close)
+        await asyncio.to_thread(self._enqueuer.close)
         if isinstance(self.redis, redis.asyncio.Redis):
             await self.redis.aclose(close_connection_pool=True)
         else:  # a RedisCluster closes its nodes' pools itself
@@ -429,17 +428,7 @@ class AsyncClient:
             await job.open()
         if self.sharded:  # the queued set is on another slot: join it first (see CREATE)
             await self.redis.zadd(self.keys.queued, {job_id: int(time.time() * 1000)}, nx=True)
-        if self._enqueuer is None:
-            self._enqueuer = Enqueuer(self.settings)
-        keys, args = create_call(
-            self.settings,
-            self.keys,
-            job_id,
-            spec,
-            tenant,
-            sharded=self.sharded,
-            enqueuer=self._enqueuer if self._queued_in_script else None,
-        )
+        keys, args = self._create_call(job_id, spec, tenant)
         created = await self._create(keys=keys, args=args)
         if created and not self._queued_in_script:
             try:

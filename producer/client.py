@@ -12,10 +12,11 @@ the worker. A reader gets every event once and in order whenever it joins (``Sub
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import redis
@@ -110,6 +111,20 @@ def create_call(
     return script_keys, [int(time.time() * 1000), ttl, job_id, message, *fields]
 
 
+def create_caller(
+    settings: Settings, enqueuer: Enqueuer, *, sharded: bool
+) -> Callable[[str, JobSpec, str | None], tuple[list[str], list[Any]]]:
+    """``create_call`` for one client: (job id, spec, tenant) -> keys and arguments, the job's
+    message included when the broker is the jobs' own Redis."""
+    return functools.partial(
+        create_call,
+        settings,
+        Keys(settings.prefix),
+        sharded=sharded,
+        enqueuer=enqueuer if queued_in_script(settings) else None,
+    )
+
+
 def cancelled_prefix(job_id: str) -> str:
     """The start of a ``cancelled`` event, completed with its seq by the CANCEL script."""
     return f'{{"v":{VERSION},"job":"{job_id}","seq":'
@@ -146,6 +161,7 @@ class Client:
         self.sharded = is_cluster(self.settings.redis_url)
         self._enqueuer = Enqueuer(self.settings)
         self._queued_in_script = queued_in_script(self.settings)
+        self._create_call = create_caller(self.settings, self._enqueuer, sharded=self.sharded)
 
     def close(self) -> None:
         self._enqueuer.close()
@@ -200,15 +216,7 @@ class Client:
             job.subscription.open()
         if self.sharded:  # the queued set is on another slot: join it first (see CREATE)
             self.redis.zadd(self.keys.queued, {job_id: int(time.time() * 1000)}, nx=True)
-        keys, args = create_call(
-            self.settings,
-            self.keys,
-            job_id,
-            spec,
-            tenant,
-            sharded=self.sharded,
-            enqueuer=self._enqueuer if self._queued_in_script else None,
-        )
+        keys, args = self._create_call(job_id, spec, tenant)
         created = self._create(keys=keys, args=args)
         if created and not self._queued_in_script:
             try:

@@ -103,7 +103,7 @@ def test_a_submit_creates_and_queues_in_one_call(
 
         async def submit_async() -> list[str]:
             async with AsyncClient(settings=settings) as aclient:
-                monkeypatch.setattr(aclient, "_enqueuer", client._enqueuer)
+                monkeypatch.setattr(aclient._enqueuer, "send", no_celery)
                 jobs = [
                     await aclient.submit("async", model="mock", max_tokens=3, job_id=f"enq-a{n}")
                     for n in range(3)

@@ -421,11 +421,17 @@ def test_a_reader_cut_off_as_a_slow_consumer_recovers_from_the_log(
     assert token_text(events) == "".join(generate(prompt, tokens)[0])
 
 
+def underway(client: Client, prompt: str, tokens: int) -> tuple[Any, list[Event], list[float]]:
+    """A job of ``tokens`` at 20 ms each, read in a thread, once 10 of its events have arrived."""
+    job = client.submit(prompt=prompt, model="mock?delay_ms=20", max_tokens=tokens, follow=True)
+    events, times = follow(job, timeout=90)
+    wait_for(lambda: len(events) > 10, 20, "no progress")
+    return job, events, times
+
+
 def test_redis_restart_with_aof_mid_stream(faults: FaultFleet, fclient: Client) -> None:
     prompt = marker("restart")
-    job = fclient.submit(prompt=prompt, model="mock?delay_ms=20", max_tokens=200, follow=True)
-    events, times = follow(job, timeout=90)
-    wait_for(lambda: len(events) > 20, 20, "no progress")
+    job, events, times = underway(fclient, prompt, 200)
     port, directory = faults.bus.port, faults.bus.directory
     faults.bus.stop()
     down_at = time.monotonic()
@@ -558,9 +564,7 @@ def test_a_broker_outage_refuses_submits_and_spares_running_streams(
     carries on (no ``restart``) and ends ``done`` with its full text; once the broker is back,
     new jobs run."""
     prompt = marker("broker")
-    job = fclient.submit(prompt=prompt, model="mock?delay_ms=20", max_tokens=150, follow=True)
-    events, _ = follow(job, timeout=90)
-    wait_for(lambda: len(events) > 10, 20, "no progress")
+    _, events, _ = underway(fclient, prompt, 150)
     port, directory = faults.broker.port, faults.broker.directory
     faults.broker.stop()
     down_at = time.monotonic()
@@ -606,11 +610,7 @@ def test_one_redis_for_events_and_broker_restarted_mid_stream(
         wait_worker_ready(worker)
         with Client(settings=Settings.from_env(env)) as client:
             prompt = marker("single")
-            job = client.submit(
-                prompt=prompt, model="mock?delay_ms=20", max_tokens=150, follow=True
-            )
-            events, _ = follow(job, timeout=90)
-            wait_for(lambda: len(events) > 10, 20, "no progress")
+            job, events, _ = underway(client, prompt, 150)
             port = server.port
             server.stop()
             time.sleep(0.5)

@@ -42,18 +42,23 @@ class Stranded:
         self.settings = Settings.from_env(env)
 
 
-@pytest.fixture(scope="module")
-def stranded(
-    redis_server: RedisServer, mock: Mock, api_key: str, run_dir: Path
-) -> Iterator[Stranded]:
-    env = worker_env(
+def _env(redis_server: RedisServer, mock: Mock, api_key: str, prefix: str) -> dict[str, str]:
+    """A worker's environment: a queued grace of ``GRACE``, the broker in database 1."""
+    return worker_env(
         redis_server.url,
-        "trstrand",
+        prefix,
         upstream_url=mock.url,
         upstream_api_key=api_key,
         queued_grace=str(GRACE),
         broker_url=redis_server.url.removesuffix("/0") + "/1",
     )
+
+
+@pytest.fixture(scope="module")
+def stranded(
+    redis_server: RedisServer, mock: Mock, api_key: str, run_dir: Path
+) -> Iterator[Stranded]:
+    env = _env(redis_server, mock, api_key, "trstrand")
     process = start_worker(env, concurrency=10, name="stranded@%h", log_path=run_dir / "s.log")
     try:
         wait_worker_ready(process)
@@ -136,14 +141,7 @@ def test_a_job_left_waiting_is_queued_again_less_and_less_often(
     """A backlog longer than the grace: nobody takes the job (this worker consumes another
     queue), so every message the sweep sends stays queued. The sweep sends one after the grace,
     then waits as long as the job's age before the next, instead of sending one every grace."""
-    env = worker_env(
-        redis_server.url,
-        "trbackoff",
-        upstream_url=mock.url,
-        upstream_api_key=api_key,
-        queued_grace=str(GRACE),
-        broker_url=redis_server.url.removesuffix("/0") + "/1",
-    )
+    env = _env(redis_server, mock, api_key, "trbackoff")
     args = [*worker_args(concurrency=4, name="backoff@%h"), "-Q", "trbackoff.elsewhere"]
     process = Process(args, env=env, log_path=run_dir / "backoff.log")
     job_id = "backoff-" + secrets.token_hex(4)
