@@ -28,7 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from producer import scripts
 from producer.client import cancel_call, create_caller, override_settings, prepare
 from producer.connection import async_redis, is_cluster
-from producer.enqueue import Enqueuer, queued_in_script
+from producer.enqueue import Enqueuer
 from producer.protocol import Event, EventType, Keys, encode_cancel, validate_job_id
 from producer.reading import (
     JobFailedError,
@@ -381,7 +381,6 @@ class AsyncClient:
         self._create = self.redis.register_script(scripts.CREATE)
         self._cancel = self.redis.register_script(scripts.CANCEL)
         self._enqueuer = Enqueuer(self.settings)
-        self._queued_in_script = queued_in_script(self.settings)
         self._create_call = create_caller(self.settings, self._enqueuer, sharded=self.sharded)
 
     async def close(self) -> None:
@@ -430,7 +429,7 @@ class AsyncClient:
             await self.redis.zadd(self.keys.queued, {job_id: int(time.time() * 1000)}, nx=True)
         keys, args = self._create_call(job_id, spec, tenant)
         created = await self._create(keys=keys, args=args)
-        if created and not self._queued_in_script:
+        if created and not self._enqueuer.in_script:
             try:
                 # kombu's producer blocks; keep it off the event loop.
                 await asyncio.to_thread(self._enqueuer.send, job_id, spec)

@@ -23,7 +23,7 @@ import redis
 
 from producer import scripts
 from producer.connection import is_cluster, publish_command, sync_redis
-from producer.enqueue import Enqueuer, queued_in_script
+from producer.enqueue import Enqueuer
 from producer.protocol import (
     VERSION,
     Event,
@@ -87,7 +87,7 @@ def create_call(
 
     On a single Redis the job joins the queued set in the same call (on a cluster the set lives
     on another slot: the producer adds the job to it before creating it). Given an
-    ``enqueuer`` (the broker is this Redis: ``queued_in_script``), the call also pushes the
+    ``enqueuer`` (the broker is this Redis: ``Enqueuer.in_script``), the call also pushes the
     job's message onto the broker's queue."""
     spec_dict = spec.to_dict()
     fields: list[Any] = [
@@ -121,7 +121,7 @@ def create_caller(
         settings,
         Keys(settings.prefix),
         sharded=sharded,
-        enqueuer=enqueuer if queued_in_script(settings) else None,
+        enqueuer=enqueuer if enqueuer.in_script else None,
     )
 
 
@@ -160,7 +160,6 @@ class Client:
         self._cancel = self.redis.register_script(scripts.CANCEL)
         self.sharded = is_cluster(self.settings.redis_url)
         self._enqueuer = Enqueuer(self.settings)
-        self._queued_in_script = queued_in_script(self.settings)
         self._create_call = create_caller(self.settings, self._enqueuer, sharded=self.sharded)
 
     def close(self) -> None:
@@ -218,7 +217,7 @@ class Client:
             self.redis.zadd(self.keys.queued, {job_id: int(time.time() * 1000)}, nx=True)
         keys, args = self._create_call(job_id, spec, tenant)
         created = self._create(keys=keys, args=args)
-        if created and not self._queued_in_script:
+        if created and not self._enqueuer.in_script:
             try:
                 self._enqueuer.send(job_id, spec)
             except Exception:

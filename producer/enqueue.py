@@ -38,6 +38,8 @@ class Enqueuer:
         self._app = Celery("tokenrelay-producer", broker=settings.broker_url, set_as_current=False)
         self._app.conf.update(task_serializer="json", accept_content=["json"])
         self.queue = Keys(settings.prefix).queue
+        #: CREATE pushes the job's message itself (``message``); else ``send`` sends it.
+        self.in_script = queued_in_script(settings)
 
     def send(self, job_id: str, spec: JobSpec) -> None:
         """Put one job on the queue through Celery; raise if the broker refuses it."""
