@@ -18,11 +18,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Final
 
 from producer.aio import AsyncClient, AsyncJob
 from producer.gateway.sse import KEEPALIVE_FRAME, frame
 from producer.protocol import encode
 from producer.reading import Published
+
+#: Frames sent in one chunk at most: a reader that joins a long job late gets its backlog in
+#: pieces of about 100 KB, not in one write of the whole job.
+CHUNK_FRAMES: Final = 1000
 
 
 def event_frame(item: Published) -> bytes:
@@ -126,8 +131,9 @@ async def _read(
         while True:
             frames = feed.frames
             if position < len(frames):
-                chunk = b"".join(frames[position:])
-                position = len(frames)
+                end = min(len(frames), position + CHUNK_FRAMES)
+                chunk = b"".join(frames[position:end])
+                position = end
                 yield chunk
             elif feed.done:
                 if feed.failure is not None:
