@@ -470,14 +470,17 @@ def test_three_hosts_share_300_jobs_and_cutting_one_off_loses_none(
             assert token_text(parts[-1]) == expected, job.id
             assert job.text(timeout=10) == expected, job.id  # the library drops attempt 1
             state = client.status(job.id)
-            assert state.status is Status.DONE and state.attempt == len(parts), job.id
+            # Attempts taken over before their start event reached Redis left no event (the
+            # next attempt publishes no restart then): the first start names the attempt.
+            unseen = int(starts(parts[0])[0].fields["attempt"]) - 1
+            assert state.status is Status.DONE and state.attempt == unseen + len(parts), job.id
             hosts = [
                 [cluster.host_of_pid(worker_pid(str(e.fields["worker"]))) for e in starts(part)]
                 for part in parts
             ]
             for host in (h for started in hosts for h in started):
                 starts_per_host[host.index] += 1
-            if len(parts) > 1:
+            if state.attempt > 1:
                 # Only the cut host's jobs are started again, after the cut, on another host.
                 earlier = [h.index for started in hosts[:-1] for h in started]
                 restarted = float(starts(parts[-1])[0].fields["ts"]) - cut_wall
@@ -485,7 +488,7 @@ def test_three_hosts_share_300_jobs_and_cutting_one_off_loses_none(
                 assert all(h == CUT for h in earlier), f"{why}; its attempts ran on {earlier}"
                 assert restarted > 0, f"{why} {-restarted:.2f} s before the cut"
                 assert hosts[-1] != [cut_host], f"{why} on the host that was cut off"
-                silent += not earlier
+                silent += bool(unseen)
                 takeovers.append(restarted)
 
         assert all(starts_per_host.values()), f"a host started no job: {starts_per_host}"
