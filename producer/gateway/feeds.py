@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Final
 
 from producer.aio import AsyncClient, AsyncJob
@@ -108,13 +108,18 @@ class Feeds:
 
     def frames(self, job_id: str, after: int) -> AsyncIterator[bytes]:
         """The job's frames from seq ``after + 1``: those ready together in one chunk, and a
-        comment whenever the job is quiet for the keepalive interval."""
+        comment whenever the job is quiet for the keepalive interval. The reader joins the
+        job's feed when it is first iterated, so a response that never starts (its client left
+        first) holds no feed open."""
+        return self._read(job_id, after + 1)
+
+    def _join(self, job_id: str) -> JobFeed:
         feed = self._feeds.get(job_id)
         if feed is None:
             feed = self._feeds[job_id] = JobFeed(self._client, job_id, self._keepalive)
             feed.start()
         feed.readers += 1
-        return _read(feed, after + 1, lambda: self._leave(feed))
+        return feed
 
     async def _leave(self, feed: JobFeed) -> None:
         feed.readers -= 1
@@ -122,27 +127,25 @@ class Feeds:
             del self._feeds[feed.job_id]
             await feed.stop()
 
-
-async def _read(
-    feed: JobFeed, position: int, leave: Callable[[], Awaitable[None]]
-) -> AsyncIterator[bytes]:
-    keepalives = feed.keepalives
-    try:
-        while True:
-            frames = feed.frames
-            if position < len(frames):
-                end = min(len(frames), position + CHUNK_FRAMES)
-                chunk = b"".join(frames[position:end])
-                position = end
-                yield chunk
-            elif feed.done:
-                if feed.failure is not None:
-                    raise feed.failure
-                return
-            elif feed.keepalives != keepalives:
-                keepalives = feed.keepalives
-                yield KEEPALIVE_FRAME
-            else:
-                await feed.wait()
-    finally:
-        await leave()
+    async def _read(self, job_id: str, position: int) -> AsyncIterator[bytes]:
+        feed = self._join(job_id)
+        keepalives = feed.keepalives
+        try:
+            while True:
+                frames = feed.frames
+                if position < len(frames):
+                    end = min(len(frames), position + CHUNK_FRAMES)
+                    chunk = b"".join(frames[position:end])
+                    position = end
+                    yield chunk
+                elif feed.done:
+                    if feed.failure is not None:
+                        raise feed.failure
+                    return
+                elif feed.keepalives != keepalives:
+                    keepalives = feed.keepalives
+                    yield KEEPALIVE_FRAME
+                else:
+                    await feed.wait()
+        finally:
+            await self._leave(feed)
