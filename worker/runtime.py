@@ -252,7 +252,8 @@ class Runtime:
         each over within a lease period, not after the broker's visibility timeout."""
         ids = [reply_text(i) for i in self.redis.zrange(self.keys.running, 0, REAP_BATCH - 1)]
         ids = [job_id for job_id in ids if job_id not in self.jobs]
-        for job_id, verdict in zip(ids, self._judge(self.scripts.takeover, ids), strict=True):
+        verdicts = [reply_text(v) for v in self._judge(self.scripts.takeover, ids)]
+        for job_id, verdict in zip(ids, verdicts, strict=True):
             if verdict in ("gone", "finished"):
                 self.redis.zrem(self.keys.running, job_id)
             elif verdict == "requeue":
@@ -273,12 +274,9 @@ class Runtime:
         cutoff = now - grace
         due = self.redis.zrangebyscore(self.keys.queued, "-inf", cutoff, start=0, num=REAP_BATCH)
         ids = [reply_text(i) for i in due]
-        calls: list[tuple[list[str], list[Any]]] = [
-            ([self.keys.state(job_id), self.keys.lease(job_id)], []) for job_id in ids
-        ]
         waiting: list[tuple[str, int]] = []
         gone: list[str] = []  # claimed, ended or expired
-        for job_id, created in zip(ids, self._each(self.scripts.stranded, calls), strict=True):
+        for job_id, created in zip(ids, self._judge(self.scripts.stranded, ids), strict=True):
             if created is None:
                 gone.append(job_id)
             else:
@@ -302,14 +300,14 @@ class Runtime:
                 )
                 self._send(job_id)  # its entry in the queued set was just moved on
 
-    def _judge(self, script: Any, ids: list[str]) -> list[str]:
-        """``script``'s verdict on each job, from its state and lease (keys of one slot)."""
+    def _judge(self, script: Any, ids: list[str]) -> list[Any]:
+        """``script``'s reply for each job, from its state and lease (keys of one slot)."""
         if not ids:
             return []
         calls: list[tuple[list[str], list[Any]]] = [
             ([self.keys.state(job_id), self.keys.lease(job_id)], []) for job_id in ids
         ]
-        return [reply_text(verdict) for verdict in self._each(script, calls)]
+        return self._each(script, calls)
 
     def _each(self, script: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """Run ``script`` once per (keys, args): one pipelined round trip on a single Redis; one
