@@ -18,6 +18,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 RETRIES: Final = 25
+#: Connections per cluster node at most for an asyncio client (see ``async_redis``).
+ASYNC_CLUSTER_CONNECTIONS: Final = 1024
 _RETRY_ON: Final = [RedisConnectionError, RedisTimeoutError, ConnectionResetError]
 
 
@@ -94,13 +96,18 @@ def async_redis(
     """An asyncio client for ``url``.
 
     With ``max_connections`` the pool is a blocking one: a command waits for a free connection
-    instead of opening another, so a busy process holds a fixed number of connections.
+    instead of opening another, so a busy process holds a fixed number of connections. Not on a
+    cluster: redis-py's asyncio cluster client cannot wait for a connection (past its per-node
+    limit a command fails with ``MaxConnectionsError``), so there each node's pool opens what
+    the commands in flight need, up to ``ASYNC_CLUSTER_CONNECTIONS``.
     """
     if is_cluster(url):
         from redis.asyncio.cluster import RedisCluster
 
-        per_node = {"max_connections": max_connections} if max_connections else {}
-        return RedisCluster.from_url(_plain(url), socket_keepalive=True, **per_node)  # type: ignore[return-value]
+        per_node = max(max_connections or 0, ASYNC_CLUSTER_CONNECTIONS)
+        return RedisCluster.from_url(  # type: ignore[return-value]
+            _plain(url), socket_keepalive=True, max_connections=per_node
+        )
     options = _options(max_connections)
     options["retry"] = AsyncRetry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), RETRIES)
     if client_name:
