@@ -1,13 +1,15 @@
 """How a worker takes jobs. The broker channel (``worker/broker.py``) against a real Redis,
 through kombu as Celery drives it: waiting messages are taken together, within the prefetch
 limit, and each is recorded as unacknowledged in the same call, so kombu's own recovery hands
-them out again. And the task's per-job overhead in a gevent worker."""
+them out again; a slot that frees up on a full worker takes the next job at once. And the
+task's per-job overhead in a gevent worker."""
 
 from __future__ import annotations
 
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,10 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from producer.devservers import RedisServer, worker_env
+from producer import Client
+from producer.devservers import RedisServer, start_worker, wait_worker_ready, worker_env
+from producer.settings import Settings
+from tests.conftest import Mock
 from worker.broker import COMMAND_CONNECTIONS, TAKE_AT_ONCE
 
 pytestmark = pytest.mark.timeout(60)
@@ -80,6 +85,15 @@ class Taker:
         self.conn.drain_events(timeout=5)
         return [m.payload["n"] for m in self.messages[before:]]
 
+    def read_next(self, timeout: float) -> list[int]:
+        """Turns of the loop until a message comes (a turn may end on another socket's event);
+        ``socket.timeout`` if none came within ``timeout``."""
+        before = len(self.messages)
+        deadline = time.monotonic() + timeout
+        while len(self.messages) == before:
+            self.conn.drain_events(timeout=max(0.001, deadline - time.monotonic()))
+        return [m.payload["n"] for m in self.messages[before:]]
+
 
 def test_waiting_messages_are_taken_in_one_read_oldest_first(
     redis_server: RedisServer, db: redis.Redis, name: str
@@ -114,6 +128,54 @@ def test_no_more_than_the_prefetch_limit_and_the_batch_are_taken(
         assert taker.read_once() == list(range(5, 5 + 1 + TAKE_AT_ONCE))
         for message in taker.messages:
             message.ack()
+
+
+def test_an_ack_on_a_full_channel_wakes_the_read_waiting_for_credit(
+    redis_server: RedisServer, db: redis.Redis, name: str
+) -> None:
+    """Celery's loop without an event hub (gevent) reads with a two-second timeout; with no
+    credit left kombu stops reading the queue, and the read waited out its timeout after a job
+    ended. It returns the next message once the ack (here from another thread) is in."""
+    queue = _publish(redis_server.url, name, 2)
+    with _connect(redis_server.url, name) as conn:
+        taker = Taker(conn, queue, prefetch=1)
+        assert taker.read_once() == [0]
+        acked = threading.Timer(0.2, taker.messages[0].ack)
+        acked.start()
+        try:
+            assert taker.read_next(timeout=10) == [1]  # before: TimeoutError after 10 s
+        except TimeoutError:
+            pytest.fail("the read waited out its timeout: the ack did not wake it")
+        finally:
+            acked.join()
+        taker.messages[1].ack()
+    assert db.llen(name) == 0 and db.hlen(f"{name}:unacked") == 0
+
+
+def test_a_full_worker_starts_the_next_job_as_soon_as_one_ends(
+    redis_server: RedisServer, mock: Mock, api_key: str, tmp_path: Path, name: str
+) -> None:
+    """Two slots, eight jobs of about 0.1 s queued at once: each job waiting for a slot starts
+    when one frees up, not at the end of the consumer's two-second wait."""
+    env = worker_env(redis_server.url, name, upstream_url=mock.url, upstream_api_key=api_key)
+    worker = start_worker(env, concurrency=2, name=f"{name}@%h", log_path=tmp_path / "w.log")
+    try:
+        wait_worker_ready(worker)
+        with Client(settings=Settings.from_env(env)) as client:
+            jobs = [
+                client.submit(f"slots {n}", model="mock?delay_ms=50", max_tokens=2)
+                for n in range(8)
+            ]
+            for job in jobs:
+                job.text(timeout=30)
+            states = [job.status() for job in jobs]
+    finally:
+        worker.stop()
+    finished = sorted(state.finished for state in states)
+    # Job k (from the third on) starts once job k-2 has ended: how long its slot stood free.
+    idle = [state.started - finished[k] for k, state in enumerate(
+        sorted(states, key=lambda state: state.started)[2:])]  # fmt: skip
+    assert max(idle) < 1.0, f"a free slot waited {max(idle):.2f} s for the next job"  # was ~1.9
 
 
 def test_messages_taken_by_a_worker_that_died_are_handed_out_again(
