@@ -1,11 +1,18 @@
 """The worker's upstream HTTP client: connections are pooled (a stream that ended well leaves its
 connection for the next job, one TLS handshake saved per job on a real API; a broken one is not
-reused), and an event stream compressed on the way is decoded as it arrives."""
+reused), a chunked body is decoded whatever pieces the network cuts it into and fails cleanly
+when its framing breaks, and an event stream compressed on the way is decoded as it arrives."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
+import re
 import secrets
+import socket
+import threading
+import time
 import zlib
 from collections.abc import AsyncIterator, Iterator
 
@@ -20,8 +27,8 @@ from producer.spec import JobSpec
 from tests.conftest import Mock
 from worker import dialects
 from worker.dialects import Continuation
-from worker.errors import UpstreamError
-from worker.upstream import UpstreamClient
+from worker.errors import UpstreamDisconnected, UpstreamError
+from worker.upstream import ChunkedBody, UpstreamClient, UpstreamStream
 
 
 def _stream(client: UpstreamClient, dialect: str, model: str) -> tuple[str, str]:
@@ -144,3 +151,94 @@ def test_a_compressed_event_stream_is_decoded_as_it_arrives(gzip_upstream: str) 
     finally:
         client.close()
     assert text == "Alan Turing"
+
+
+@contextlib.contextmanager
+def _canned_upstream(pieces: list[bytes]) -> Iterator[str]:
+    """An upstream that answers one request with ``pieces`` (a raw response, framing errors
+    and all: no HTTP framework writes those), a short pause between pieces, then closes."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError), listener.accept()[0] as conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(65536)
+            head, _, body = request.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
+            while len(body) < length:
+                body += conn.recv(65536)
+            for piece in pieces:
+                conn.sendall(piece)
+                time.sleep(0.01)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        thread.join(10)
+        listener.close()
+
+
+_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _event(text: str) -> bytes:
+    return f'data: {{"choices":[{{"text":"{text}"}}]}}\n\n'.encode()
+
+
+def _read_all(url: str) -> tuple[str, UpstreamStream]:
+    client = UpstreamClient(url, None, connect_timeout=2, read_timeout=5)
+    try:
+        spec = JobSpec.from_dict(
+            {"prompt": "p", "dialect": "together", "model": "m", "max_tokens": 5},
+            default_model="m",
+            default_dialect="together",
+            max_prompt_bytes=1000,
+        )
+        stream = client.open(
+            dialects.get("together"), spec, Continuation(), before_read=lambda: None
+        )
+        try:
+            return "".join(delta.text for delta in stream.deltas()), stream
+        finally:
+            stream.close()
+    finally:
+        client.close()
+
+
+def test_a_chunked_body_split_anywhere_by_the_network_reads_whole() -> None:
+    body = _chunk(_event("Al") + _event("an")) + _chunk(_event(" Tu")) + _chunk(_event("ring"))
+    body += _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+    # Cut inside a chunk's size line, inside its CRLF, inside an event and between them.
+    cuts = [3, 5, 40, 41, 42, 97, len(body) - 2]
+    pieces = [_HEAD + body[: cuts[0]]]
+    pieces += [body[a:b] for a, b in itertools.pairwise([*cuts, len(body)])]
+    with _canned_upstream(pieces) as url:
+        text, stream = _read_all(url)
+    assert text == "Alan Turing"
+    # httptools took the chunk framing off (not urllib3), and the body's end was read.
+    assert isinstance(stream._body, ChunkedBody) and stream._body.complete
+
+
+@pytest.mark.parametrize(
+    ("after", "message"),
+    [
+        (b"zz\r\nhello\r\n", "bad chunked encoding"),
+        (b"", "the body ended before its last chunk"),
+    ],
+)
+def test_a_chunked_body_that_breaks_ends_the_stream_as_disconnected(
+    after: bytes, message: str
+) -> None:
+    pieces = [_HEAD + _chunk(_event("Al")), after]
+    with _canned_upstream(pieces) as url, pytest.raises(UpstreamDisconnected) as failed:
+        _read_all(url)
+    assert failed.value.code == "upstream_disconnected"
+    assert message in failed.value.message

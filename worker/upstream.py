@@ -5,12 +5,20 @@ connection in the pool for the next job. The response is read in the chunks the 
 delivers (``read1``), never byte by byte, and a hook runs before each blocking read so the caller
 can publish everything that arrived in the last one. ``UpstreamStream.abort`` may be called from
 another thread or greenlet: it shuts the socket down, which wakes a blocked read at once.
+
+A streamed body comes chunked. requests hands it over through urllib3 and ``http.client``, whose
+chunked decoding is several layers of Python per network read: with one token per read (a paced
+stream) that was a third of a worker's CPU per token. So once requests has the response's
+headers, ``ChunkedBody`` reads the rest from the connection's buffered reader and lets httptools
+(the C parser uvicorn uses) take the chunk framing off. Other bodies (compressed, with a length,
+or without httptools) keep urllib3's path.
 """
 
 from __future__ import annotations
 
 import contextlib
 import email.utils
+import http.client
 import http.cookiejar
 import json
 import os
@@ -23,6 +31,11 @@ import requests
 import sseclient
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
+
+try:
+    import httptools
+except ImportError:  # not on every Python implementation: urllib3 decodes the body then
+    httptools = None  # type: ignore[assignment]
 
 from producer.spec import JobSpec
 from worker.dialects import DONE, Continuation, Delta, Dialect
@@ -162,6 +175,8 @@ class UpstreamStream:
         self._ended = False
         # Asked for an uncompressed body; one compressed anyway is decoded as it arrives.
         response.raw.decode_content = True
+        self._body = ChunkedBody.of(response)
+        self._read1 = self._body.read1 if self._body is not None else response.raw.read1
 
     def deltas(self) -> Iterator[Delta]:
         """Every delta until the stream's end marker; raise an ``UpstreamError`` on failure."""
@@ -176,11 +191,11 @@ class UpstreamStream:
         self._ended = True
 
     def _chunks(self) -> Iterator[bytes]:
-        raw = self.response.raw
+        read1 = self._read1
         while True:
             self._before_read()
             try:
-                data = raw.read1(READ_SIZE)
+                data = read1(READ_SIZE)
             except (urllib3.exceptions.ReadTimeoutError, TimeoutError):
                 raise UpstreamTimeout(
                     f"the upstream sent nothing for {self._read_timeout:g} s"
@@ -210,19 +225,84 @@ class UpstreamStream:
     def _read_to_end(self) -> bool:
         """Read what follows the end marker (the end of the chunked body, normally already on
         its way), waiting at most ``DRAIN_TIMEOUT``; True if the body ended cleanly."""
-        raw = self.response.raw
         try:
             if self._sock is not None:
                 self._sock.settimeout(min(DRAIN_TIMEOUT, self._read_timeout))
             left = DRAIN_LIMIT
             while left > 0:
-                data = raw.read1(READ_SIZE)
+                data = self._read1(READ_SIZE)
                 if not data:
                     return True
                 left -= len(data)
-        except (urllib3.exceptions.HTTPError, OSError, ValueError):
+        except (urllib3.exceptions.HTTPError, OSError, ValueError, UpstreamDisconnected):
             pass
         return False
+
+
+# What http.client already read of the response, as httptools must see it before the body.
+_CHUNKED_HEAD: Final = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+class ChunkedBody:
+    """The rest of a chunked response body, read from its connection's buffered reader and
+    decoded by httptools: ``read1`` gives the body bytes of one network read."""
+
+    def __init__(self, response: http.client.HTTPResponse) -> None:
+        assert httptools is not None and response.fp is not None
+        self._response = response
+        self._read = response.fp.read1
+        self._parts: list[bytes] = []
+        self.complete = False
+        self._parser = httptools.HttpResponseParser(self)
+        self._parser.feed_data(_CHUNKED_HEAD)
+
+    @classmethod
+    def of(cls, response: requests.Response) -> ChunkedBody | None:
+        """The body of ``response`` if this reader can take it: chunked, not compressed, not
+        started; else ``None``."""
+        inner = getattr(response.raw, "_fp", None)
+        if (
+            httptools is None
+            or not isinstance(inner, http.client.HTTPResponse)
+            or not inner.chunked
+            or inner.chunk_left is not None
+            or inner.fp is None
+            or response.headers.get("content-encoding", "identity").lower() != "identity"
+        ):
+            return None
+        return cls(inner)
+
+    # httptools calls these from ``feed_data``.
+    def on_body(self, body: bytes) -> None:
+        self._parts.append(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+    def read1(self, size: int) -> bytes:
+        """Body bytes from the next read that has some; ``b""`` once the body ended. Raises
+        ``UpstreamDisconnected`` if the connection closes first or the framing is not chunked
+        encoding, and the socket's errors (``TimeoutError`` after the read timeout)."""
+        parts = self._parts
+        while not parts:
+            if self.complete:
+                # As http.client does at the end of a body: the connection can serve again.
+                self._response.close()
+                return b""
+            data = self._read(size)
+            if not data:
+                raise UpstreamDisconnected(
+                    "the upstream connection broke mid-stream: the body ended before its last chunk"
+                )
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserError as exc:
+                raise UpstreamDisconnected(
+                    f"the upstream connection broke mid-stream: bad chunked encoding ({exc})"
+                ) from None
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        parts.clear()
+        return body
 
 
 def parse_stream(chunks: Iterable[bytes], dialect: Dialect) -> Iterator[Delta]:
