@@ -61,6 +61,9 @@ class BenchConfig:
         live.append(LiveScenario(Load(100, 0, TOKENS, duration, warmup, without_log=True), runs))
         # The 500-stream wave again on two worker processes: how the figures scale with workers.
         live.append(LiveScenario(Load(500, 20, TOKENS, workers=2), waves[500]))
+        # A worker at capacity: short jobs from twice as many lanes as it has slots, so a job
+        # waits in the queue for every slot that frees up.
+        live.append(LiveScenario(Load(200, 0, 20, 5.0, 1.0, slots=100), 1))
         return cls(
             live=tuple(live),
             late_readers=(100, 500),

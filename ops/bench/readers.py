@@ -292,6 +292,9 @@ class Load:
     without_log: bool = False
     #: Worker processes sharing the load (scale-out on this machine).
     workers: int = 1
+    #: The worker's slots (its ``-c``) if not the bench's own: fewer than the lanes, every job
+    #: that ends frees a slot that a waiting job takes (a worker run at capacity).
+    slots: int = 0
 
     @property
     def closed(self) -> bool:
@@ -311,6 +314,8 @@ class Load:
         suffix = ", no log" if self.without_log else ""
         if self.workers > 1:
             suffix += f", {self.workers} workers"
+        if self.slots:
+            suffix += f", {self.slots} slots"
         return f"{self.concurrency} x {self.delay_ms:g} ms{suffix}"
 
     @property
@@ -321,6 +326,8 @@ class Load:
             key += "-nolog"
         if self.workers > 1:
             key += f"-{self.workers}w"
+        if self.slots:
+            key += f"-{self.slots}slots"
         return key
 
 

@@ -106,7 +106,12 @@ def run_bench(
                 name = f"live: {scenario.load.label}, {scenario.runs} run(s)"
                 with results.part(name, progress):
                     results.live.append(
-                        run_live(fleet, scenario.load, scenario.runs, config.worker_concurrency)
+                        run_live(
+                            fleet,
+                            scenario.load,
+                            scenario.runs,
+                            scenario.load.slots or config.worker_concurrency,
+                        )
                     )
         with results.part("late readers", progress):
             _late(config, fleet, results, budget, progress)
