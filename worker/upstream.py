@@ -250,7 +250,7 @@ class ChunkedBody:
     def __init__(self, response: http.client.HTTPResponse) -> None:
         assert httptools is not None and response.fp is not None
         self._response = response
-        self._read = response.fp.read1
+        self._peek, self._take = response.fp.peek, response.fp.read1
         self._parts: list[bytes] = []
         self.complete = False
         self._parser = httptools.HttpResponseParser(self)
@@ -280,7 +280,8 @@ class ChunkedBody:
         self.complete = True
 
     def read1(self, size: int) -> bytes:
-        """Body bytes from the next read that has some; ``b""`` once the body ended. Raises
+        """Body bytes from the next read that has some (at most what the connection's reader
+        buffers, ignoring ``size``); ``b""`` once the body ended. Raises
         ``UpstreamDisconnected`` if the connection closes first or the framing is not chunked
         encoding, and the socket's errors (``TimeoutError`` after the read timeout)."""
         parts = self._parts
@@ -289,7 +290,10 @@ class ChunkedBody:
                 # As http.client does at the end of a body: the connection can serve again.
                 self._response.close()
                 return b""
-            data = self._read(size)
+            # What the reader's own buffer holds (one socket read into it if it holds nothing),
+            # then taken out of it: a read1(size) of an empty reader would allocate ``size``
+            # bytes before it blocks, and a worker has hundreds of streams blocked there.
+            data = self._take(len(self._peek()))
             if not data:
                 raise UpstreamDisconnected(
                     "the upstream connection broke mid-stream: the body ended before its last chunk"
