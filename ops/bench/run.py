@@ -136,14 +136,15 @@ def _late(
     budget: _Budget,
     progress: Callable[[str], None] | None,
 ) -> None:
-    """Late readers of the jobs of the live scenario that finished the most jobs."""
+    """Late readers of the jobs of the live scenario that finished the most jobs of the
+    longest kind (not the short jobs of the at-capacity scenario)."""
     sources = [r for r in results.live if r.counts.clean and r.job_ids]
     if not config.late_readers:
         return
     if not sources:
         results.skipped.append("late readers (no clean live scenario to read)")
         return
-    source = max(sources, key=lambda r: len(r.job_ids))
+    source = max(sources, key=lambda r: (r.load.tokens, len(r.job_ids)))
     for readers in config.late_readers:
         if budget.allows(f"late readers x{readers}", LATE_ESTIMATE_S):
             results.late.append(run_late(fleet, source.job_ids, readers, source.load.tokens))
