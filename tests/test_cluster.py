@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import shutil
 import subprocess
 import threading
@@ -90,6 +91,23 @@ class Cluster:
         finally:
             client.close()
 
+    def ids_on_every_shard(self, keys: Keys, per_shard: int, stem: str) -> list[str]:
+        """Job ids whose keys land ``per_shard`` on each node, taken in turn (random ids would
+        miss one of three shards in about one set of 12 in 43)."""
+        client = RedisCluster(host="127.0.0.1", port=self.nodes[0].port)
+        by_port: dict[int, list[str]] = {node.port: [] for node in self.nodes}
+        try:
+            for _ in range(10_000):
+                if all(len(ids) >= per_shard for ids in by_port.values()):
+                    break
+                job_id = f"{stem}-{secrets.token_hex(4)}"
+                ids = by_port[int(client.get_node_from_key(keys.channel(job_id)).port)]
+                if len(ids) < per_shard:
+                    ids.append(job_id)
+        finally:
+            client.close()
+        return [job_id for row in zip(*by_port.values(), strict=True) for job_id in row]
+
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
@@ -124,9 +142,12 @@ def test_jobs_on_every_shard_reach_sync_and_async_readers(
     settings = Settings.from_env(env)
     with Client(settings=settings) as client:
         prompts = [marker(f"shard{i}") for i in range(12)]
+        ids = cluster.ids_on_every_shard(client.keys, 4, "shard")
         jobs = [
-            client.submit(prompt=p, model="mock?delay_ms=10", max_tokens=30, follow=True)
-            for p in prompts
+            client.submit(
+                prompt=p, model="mock?delay_ms=10", max_tokens=30, follow=True, job_id=job_id
+            )
+            for p, job_id in zip(prompts, ids, strict=True)
         ]
         shards = {cluster.node_port_of(client.keys.channel(job.id)) for job in jobs}
         assert len(shards) == 3, "the jobs' channels should land on all three shards"
@@ -198,15 +219,16 @@ def test_the_gateway_serves_jobs_on_every_shard(
     gateway = _start_gateway("cluster", fleet, run_dir, {name: env[name] for name in names})
     try:
         prompts = [marker(f"gwshard{i}") for i in range(12)]
+        keys = Keys(env["TOKENRELAY_PREFIX"])
+        ids = cluster.ids_on_every_shard(keys, 4, "gwshard")
         jobs = [
             requests.post(
                 gateway.url + "/v1/jobs",
-                json={"prompt": p, "model": "mock?delay_ms=10", "max_tokens": 20},
+                json={"prompt": p, "model": "mock?delay_ms=10", "max_tokens": 20, "job_id": i},
                 timeout=10,
             ).json()
-            for p in prompts
+            for p, i in zip(prompts, ids, strict=True)
         ]
-        keys = Keys(env["TOKENRELAY_PREFIX"])
         assert len({cluster.node_port_of(keys.channel(job["id"])) for job in jobs}) == 3
         texts: dict[tuple[int, int], str] = {}
 
