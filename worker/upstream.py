@@ -201,9 +201,7 @@ class UpstreamStream:
                     f"the upstream sent nothing for {self._read_timeout:g} s"
                 ) from None
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-                raise UpstreamDisconnected(
-                    f"the upstream connection broke mid-stream: {_reason(exc)}"
-                ) from None
+                raise _broke(_reason(exc)) from None
             if not data:
                 return
             yield data
@@ -295,15 +293,11 @@ class ChunkedBody:
             # bytes before it blocks, and a worker has hundreds of streams blocked there.
             data = self._take(len(self._peek()))
             if not data:
-                raise UpstreamDisconnected(
-                    "the upstream connection broke mid-stream: the body ended before its last chunk"
-                )
+                raise _broke("the body ended before its last chunk")
             try:
                 self._parser.feed_data(data)
             except httptools.HttpParserError as exc:
-                raise UpstreamDisconnected(
-                    f"the upstream connection broke mid-stream: bad chunked encoding ({exc})"
-                ) from None
+                raise _broke(f"bad chunked encoding ({exc})") from None
         body = parts[0] if len(parts) == 1 else b"".join(parts)
         parts.clear()
         return body
@@ -357,6 +351,10 @@ def _socket_of(response: requests.Response) -> socket.socket | None:
         fp = getattr(getattr(response.raw, "_fp", None), "fp", None)
         sock = getattr(getattr(fp, "raw", None), "_sock", None)
     return sock if isinstance(sock, socket.socket) else None
+
+
+def _broke(reason: str) -> UpstreamDisconnected:
+    return UpstreamDisconnected(f"the upstream connection broke mid-stream: {reason}")
 
 
 def _reason(exc: BaseException) -> str:
