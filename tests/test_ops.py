@@ -127,6 +127,8 @@ def test_structured_logs_have_one_line_per_job_start_and_finish(ops_worker: OpsW
     assert record["model"] == "mock" and record["ttft_s"] > 0 and record["duration_s"] > 0
     assert record["level"] == "info" and record["logger"] == "tokenrelay.worker"
     assert "secret-looking prompt body" not in ops_worker.process.output()
+    # Celery's own two lines per task (received, succeeded) would repeat these two.
+    assert "Task tokenrelay.stream[" not in ops_worker.process.output()
 
 
 def test_heartbeat_workers_and_health(ops_worker: OpsWorker, fleet: Fleet) -> None:
