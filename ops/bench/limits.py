@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import redis
@@ -93,4 +93,9 @@ def measure_upstream(cfg: BenchConfig, fleet: BenchFleet, limits: Limits) -> Non
         limits.parse = parse_rates(body, cfg.parse_bodies, cfg.parse_repeats)
     if cfg.raw_upstream:
         for scenario in cfg.live:
-            limits.raw_upstream[scenario.key] = raw_upstream(fleet.mock_url, scenario.load)
+            # A worker with fewer slots than lanes streams at most its slots at once: so does
+            # the bare client it is compared with.
+            load = scenario.load
+            if load.slots:
+                load = replace(load, concurrency=load.slots)
+            limits.raw_upstream[scenario.key] = raw_upstream(fleet.mock_url, load)

@@ -42,7 +42,8 @@ LIVE_DEFINITIONS = """\
   tok/s counts tokens received while all N were streaming (from the last job's first token to
   the first job's last token). Medians over `runs`.
 - % ideal: paced, of N x 1000/pause tok/s; full speed, of what the mock upstream streams to a
-  bare client at the same load (the raw upstream limit below).
+  bare client at the same load (the raw upstream limit below; with fewer slots than lanes, as
+  many streams at once as the worker has slots).
 - TTFT+: from calling `AsyncClient.submit` to the first token in the reader, minus the
   upstream's own pause before it. queued: the part of it from the job's creation to its claim
   by the worker (the state's `created` and `started`, ms resolution): the broker's queue and
@@ -112,7 +113,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def _key(result: LiveResult) -> str:
     """The raw upstream limit's key: the same load, with or without the log."""
-    return f"{result.load.concurrency}x{result.load.delay_ms:g}"
+    slots = f"-{result.load.slots}slots" if result.load.slots else ""
+    return f"{result.load.concurrency}x{result.load.delay_ms:g}{slots}"
 
 
 def _ideal(results: BenchResults, result: LiveResult) -> float | None:
