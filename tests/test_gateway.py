@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from producer import AsyncClient, Client, EventType, Status
 from producer.gateway import compat
-from producer.gateway.feeds import Feeds
+from producer.gateway.feeds import Feeds, LogGone
 from producer.mock_upstream import generate
 from producer.protocol import LOG_FIELD, decode, encode, log_entry_id, make_event
 from tests.conftest import Fleet, Gateway, Mock, marker
@@ -414,6 +414,92 @@ def test_readers_of_one_job_share_one_feed_until_the_last_leaves(
     assert sse_frames(resumed) == expected_frames[21:]
     assert channels == 0
     assert client.status(other_id).status is Status.DONE
+
+
+def test_a_feed_holds_only_what_its_slowest_reader_has_still_to_send(
+    fleet: Fleet, client: Client
+) -> None:
+    """In process, with a small trim threshold: a reader that keeps up leaves the feed holding
+    a few frames however long the job; a reader that starts later, from the job's start or
+    from a ``Last-Event-ID``, gets the dropped frames from the log and the rest from the feed,
+    byte for byte what the early reader got."""
+    prompt = marker("trim")
+
+    async def collect(frames: AsyncIterator[bytes]) -> bytes:
+        return b"".join([chunk async for chunk in frames])
+
+    async def body() -> tuple[str, bytes, bytes, bytes, int, int, int]:
+        async with AsyncClient(settings=fleet.settings) as aclient:
+            feeds = Feeds(aclient, keepalive=15, trim=8)
+            job = await aclient.submit(prompt, model="mock?delay_ms=10", max_tokens=80)
+            early = feeds.frames(job.id, -1)
+            got, most_held = b"", 0
+            while len(sse_frames(got)) < 40:
+                got += await anext(early)
+                most_held = max(most_held, feeds.held)
+            held_at_join = feeds.held
+            late, resumed = feeds.frames(job.id, -1), feeds.frames(job.id, 5)
+            reads = await asyncio.gather(collect(early), collect(late), collect(resumed))
+            return job.id, got + reads[0], reads[1], reads[2], most_held, held_at_join, len(feeds)
+
+    job_id, early, late, resumed, most_held, held_at_join, open_feeds = asyncio.run(
+        asyncio.wait_for(body(), 60)
+    )
+    entries = client.redis.xrange(client.keys.log(job_id))
+    expected_frames = [event_frame(values[LOG_FIELD.encode()]) for _, values in entries]
+    assert len(expected_frames) == 82
+    # 40 frames sent to the early reader, at most 16 held at any time (2 x the threshold:
+    # dropped when at least half of those held are sent).
+    assert most_held <= 16
+    assert held_at_join < 40  # so the late readers' first frames can only come from the log
+    assert sse_frames(early) == sse_frames(late) == expected_frames
+    assert sse_frames(resumed) == expected_frames[6:]
+    assert open_feeds == 0
+
+
+def test_a_reader_whose_events_left_the_log_gets_an_error_not_a_gap(client: Client) -> None:
+    """Events written by hand: the feed drops what its reader sent, then the log expires under
+    it; a new reader from the start fails with ``LogGone`` instead of skipping events."""
+    job_id = "trim-" + marker("x")[1:-1].replace("-", "")
+    keys = client.keys
+    events = [make_event(job_id, 0, EventType.START, attempt=1)]
+    events += [make_event(job_id, seq, EventType.TOKEN, text=f" t{seq}") for seq in range(1, 30)]
+
+    async def write(aclient: AsyncClient, event: Any) -> None:
+        data = encode(event)
+        await aclient.redis.xadd(keys.log(job_id), {LOG_FIELD: data}, id=log_entry_id(event.seq))
+        await aclient.redis.publish(keys.channel(job_id), data)
+
+    async def body() -> tuple[int, str]:
+        async with AsyncClient(settings=client.settings) as aclient:
+            await aclient.redis.hset(keys.state(job_id), mapping={"status": "running", "seq": -1})
+            await aclient.redis.expire(keys.state(job_id), 60)
+            feeds = Feeds(aclient, keepalive=15, trim=4)
+            early = feeds.frames(job_id, -1)
+
+            async def read_early() -> None:
+                got = b""
+                while len(sse_frames(got)) < len(events):
+                    got += await anext(early)
+
+            reading = asyncio.ensure_future(read_early())
+            await asyncio.sleep(0.2)  # subscribed: the events come live, a few at a time
+            for event in events:
+                await write(aclient, event)
+                await asyncio.sleep(0.005)
+            await reading
+            held = feeds.held
+            await aclient.redis.delete(keys.log(job_id))
+            late = feeds.frames(job_id, -1)
+            with pytest.raises(LogGone) as caught:
+                await anext(late)
+            await write(aclient, make_event(job_id, 30, EventType.DONE, finish_reason="stop"))
+            await early.aclose()  # type: ignore[attr-defined]
+            return held, str(caught.value)
+
+    held, message = asyncio.run(asyncio.wait_for(body(), 30))
+    assert held < 30
+    assert message == f"job {job_id}: events 0 to {29 - held} are gone"
 
 
 def test_a_reader_that_stops_reading_holds_up_no_other_reader(gateway: Gateway) -> None:

@@ -7,10 +7,13 @@ ran the reader library's whole per-event path of its own (its buffer, its sequen
 transcript, its frame) for every event: about 40% of the gateway's CPU per frame with 50 readers
 per job.
 
-A frame's index in the feed is its event's ``seq`` (the protocol's seqs rise by one from 0), so
-a reader resuming after ``Last-Event-ID: N`` starts at index ``N + 1``. The feed reads the job
-from its start and keeps its frames while it has readers; it stops, unsubscribes and is
-forgotten when its last reader leaves.
+A frame's position in the feed is its event's ``seq`` (the protocol's seqs rise by one from 0),
+so a reader resuming after ``Last-Event-ID: N`` starts at ``N + 1``. The feed reads the job from
+its start but holds only the frames some reader has still to send: once it holds ``TRIM_FRAMES``
+it drops those every reader is past (when that is at least half of them), so a long job costs
+the gateway the distance between its slowest and fastest reader, not its length. A reader that
+starts before the oldest frame held reads those events from the job's log, and then goes on in
+the feed. The feed stops, unsubscribes and is forgotten when its last reader leaves.
 """
 
 from __future__ import annotations
@@ -22,12 +25,18 @@ from typing import Final
 
 from producer.aio import AsyncClient, AsyncJob
 from producer.gateway.sse import KEEPALIVE_FRAME, frame
-from producer.protocol import encode
-from producer.reading import Published
+from producer.protocol import encode, log_entry_id
+from producer.reading import Published, published_from_log
 
 #: Frames sent in one chunk at most: a reader that joins a long job late gets its backlog in
 #: pieces of about 100 KB, not in one write of the whole job.
 CHUNK_FRAMES: Final = 1000
+#: A feed holding this many frames drops those every reader has sent.
+TRIM_FRAMES: Final = 512
+
+
+class LogGone(Exception):
+    """Events a reader needs are neither held by the feed nor in the job's log any more."""
 
 
 def event_frame(item: Published) -> bytes:
@@ -39,19 +48,33 @@ def event_frame(item: Published) -> bytes:
     return frame(data, item.event.seq)
 
 
-class JobFeed:
-    """A job's SSE frames, in seq order, and a wake-up for the readers waiting on more."""
+class _Cursor:
+    """One reader's position in a feed: the seq of the next frame it sends."""
 
-    def __init__(self, client: AsyncClient, job_id: str, keepalive: float) -> None:
+    __slots__ = ("position",)
+
+    def __init__(self, position: int) -> None:
+        self.position = position
+
+
+class JobFeed:
+    """A job's SSE frames from seq ``base`` on, and a wake-up for the readers waiting on more."""
+
+    def __init__(
+        self, client: AsyncClient, job_id: str, keepalive: float, trim: int = TRIM_FRAMES
+    ) -> None:
         self.job_id = job_id
         self.frames: list[bytes] = []
+        self.base = 0  # the seq of ``frames[0]``: the frames before it were dropped
         self.done = False
         self.failure: BaseException | None = None
         #: Bumped when ``keepalive`` seconds passed without a frame: readers send a comment.
         self.keepalives = 0
-        self.readers = 0
+        self.cursors: set[_Cursor] = set()
+        self._client = client
         self._job = AsyncJob(client, job_id)
         self._keepalive = keepalive
+        self._trim = trim
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -70,9 +93,35 @@ class JobFeed:
                 await self._task
         await self._job.close()
 
+    async def from_log(self, position: int) -> tuple[bytes, int]:
+        """Frames from seq ``position`` up to the oldest held, read from the job's log: at most
+        ``CHUNK_FRAMES`` of them, and the position after them. ``LogGone`` if the log no longer
+        has them all (it expired): a reader never skips an event."""
+        end = min(self.base, position + CHUNK_FRAMES)
+        entries = await self._client.redis.xrange(
+            self._client.keys.log(self.job_id),
+            min=log_entry_id(position),
+            max=log_entry_id(end - 1),
+        )
+        items = published_from_log(entries or [])
+        if [item.event.seq for item in items] != list(range(position, end)):
+            raise LogGone(f"job {self.job_id}: events {position} to {end - 1} are gone")
+        return b"".join([event_frame(item) for item in items]), end
+
     def _notify(self) -> None:
         self._changed.set()  # wakes every reader waiting now
         self._changed.clear()
+
+    def _drop_sent(self) -> None:
+        """Drop the frames every reader has sent, if that is at least half of those held."""
+        held = len(self.frames)
+        if held < self._trim:
+            return
+        slowest = min((cursor.position for cursor in self.cursors), default=self.base + held)
+        sent = min(slowest - self.base, held)
+        if sent * 2 >= held:
+            del self.frames[:sent]
+            self.base += sent
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -81,6 +130,7 @@ class JobFeed:
             while not self._job.done:
                 batch = await self._job.next_events(quiet_until - loop.time())
                 if batch:
+                    self._drop_sent()
                     self.frames += [event_frame(item) for item in batch]
                 elif loop.time() >= quiet_until:
                     self.keepalives += 1
@@ -98,13 +148,19 @@ class JobFeed:
 class Feeds:
     """The gateway's feeds by job id, created by a job's first reader, dropped after its last."""
 
-    def __init__(self, client: AsyncClient, keepalive: float) -> None:
+    def __init__(self, client: AsyncClient, keepalive: float, trim: int = TRIM_FRAMES) -> None:
         self._client = client
         self._keepalive = keepalive
+        self._trim = trim
         self._feeds: dict[str, JobFeed] = {}
 
     def __len__(self) -> int:
         return len(self._feeds)
+
+    @property
+    def held(self) -> int:
+        """Frames held by all feeds."""
+        return sum(len(feed.frames) for feed in self._feeds.values())
 
     def frames(self, job_id: str, after: int) -> AsyncIterator[bytes]:
         """The job's frames from seq ``after + 1``: those ready together in one chunk, and a
@@ -113,30 +169,37 @@ class Feeds:
         first) holds no feed open."""
         return self._read(job_id, after + 1)
 
-    def _join(self, job_id: str) -> JobFeed:
+    def _join(self, job_id: str, cursor: _Cursor) -> JobFeed:
         feed = self._feeds.get(job_id)
         if feed is None:
-            feed = self._feeds[job_id] = JobFeed(self._client, job_id, self._keepalive)
+            feed = JobFeed(self._client, job_id, self._keepalive, self._trim)
+            self._feeds[job_id] = feed
             feed.start()
-        feed.readers += 1
+        feed.cursors.add(cursor)
         return feed
 
-    async def _leave(self, feed: JobFeed) -> None:
-        feed.readers -= 1
-        if feed.readers == 0 and self._feeds.get(feed.job_id) is feed:
+    async def _leave(self, feed: JobFeed, cursor: _Cursor) -> None:
+        feed.cursors.discard(cursor)
+        if not feed.cursors and self._feeds.get(feed.job_id) is feed:
             del self._feeds[feed.job_id]
             await feed.stop()
 
     async def _read(self, job_id: str, position: int) -> AsyncIterator[bytes]:
-        feed = self._join(job_id)
+        cursor = _Cursor(position)
+        feed = self._join(job_id, cursor)
         keepalives = feed.keepalives
         try:
             while True:
-                frames = feed.frames
-                if position < len(frames):
-                    end = min(len(frames), position + CHUNK_FRAMES)
-                    chunk = b"".join(frames[position:end])
-                    position = end
+                if position < feed.base:
+                    chunk, position = await feed.from_log(position)
+                    cursor.position = position
+                    yield chunk
+                    continue
+                frames, index = feed.frames, position - feed.base
+                if index < len(frames):
+                    end = min(len(frames), index + CHUNK_FRAMES)
+                    chunk = b"".join(frames[index:end])
+                    position = cursor.position = feed.base + end
                     yield chunk
                 elif feed.done:
                     if feed.failure is not None:
@@ -148,4 +211,4 @@ class Feeds:
                 else:
                     await feed.wait()
         finally:
-            await self._leave(feed)
+            await self._leave(feed, cursor)

@@ -1,7 +1,7 @@
 """The gateway's Prometheus metrics, served at ``GET /metrics``.
 
-Queue depth and running jobs are read from Redis at scrape time; open SSE responses and requests
-by route and status are counted as they happen.
+Queue depth and running jobs are read from Redis, and the frames the feeds hold counted, at scrape
+time; open SSE responses and requests by route and status are counted as they happen.
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 QUEUE_DEPTH: Final = Gauge("tokenrelay_queue_depth", "Jobs waiting in the broker's queue")
 RUNNING: Final = Gauge("tokenrelay_running_jobs", "Jobs claimed by workers and not yet ended")
 STREAMS: Final = Gauge("tokenrelay_gateway_streams", "Open Server-Sent Events responses")
+FEED_FRAMES: Final = Gauge(
+    "tokenrelay_gateway_feed_frames", "SSE frames the job feeds hold for their slowest readers"
+)
 REQUESTS: Final = Counter(
     "tokenrelay_gateway_requests_total", "HTTP requests by route and status", ["route", "status"]
 )
@@ -25,6 +28,7 @@ async def render(request: Request) -> Response:
     """The metrics page, with the Redis-side gauges refreshed first."""
     gateway = request.app.state.gateway
     RUNNING.set(await gateway.client.redis.zcard(gateway.keys.running))
+    FEED_FRAMES.set(gateway.feeds.held)
     depth = await gateway.queue_depth()
     if depth is not None:
         QUEUE_DEPTH.set(depth)
