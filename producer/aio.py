@@ -472,11 +472,13 @@ class AsyncClient:
 class AsyncJob:
     """One job's events, once and in order, whenever the reader joined."""
 
-    def __init__(self, client: AsyncClient, job_id: str, after: int = -1) -> None:
+    def __init__(
+        self, client: AsyncClient, job_id: str, after: int = -1, *, keep_text: bool = True
+    ) -> None:
         self.client = client
         self.id = job_id
         self.sequencer = Sequencer(last=after)
-        self.transcript = Transcript()
+        self.transcript = Transcript(keep_text=keep_text)
         self._listener: _Listener | None = None
         self._started = False  # the log has been read to its end once
         self._behind = False  # the last log read filled a batch: read on before live events

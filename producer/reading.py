@@ -121,14 +121,18 @@ def _bytes(data: bytes | str) -> bytes:
 
 @dataclass
 class Transcript:
-    """The text of the current attempt, reassembled from events; a restart starts it over."""
+    """The text of the current attempt, reassembled from events; a restart starts it over.
+    With ``keep_text`` false it counts restarts only and its text stays empty (a reader that
+    forwards events and never asks for the text, such as the gateway's feeds)."""
 
     parts: list[str] = field(default_factory=list)
     restarts: int = 0
+    keep_text: bool = True
 
     def add(self, event: Event) -> None:
         if event.type is EventType.TOKEN:
-            self.parts.append(event.text)
+            if self.keep_text:
+                self.parts.append(event.text)
         elif event.type is EventType.RESTART:
             self.parts.clear()
             self.restarts += 1

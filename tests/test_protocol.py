@@ -22,6 +22,7 @@ from producer.protocol import (
     seq_of_entry_id,
     validate_job_id,
 )
+from producer.reading import Transcript
 
 
 def test_key_names_follow_the_design() -> None:
@@ -105,3 +106,19 @@ def test_control_messages() -> None:
     assert decode_control(b'{"v":1,"cancel":"a:b"}') is None
     assert decode_control(b"garbage") is None
     assert json.loads(encode_cancel("j"))["cancel"] == "j"
+
+
+def test_a_transcript_reassembles_the_current_attempt_or_only_counts_restarts() -> None:
+    events = [
+        make_event("j", 0, EventType.START, attempt=1),
+        make_event("j", 1, EventType.TOKEN, text="lost"),
+        make_event("j", 2, EventType.RESTART, attempt=2),
+        make_event("j", 3, EventType.TOKEN, text="Hello"),
+        make_event("j", 4, EventType.TOKEN, text=" world"),
+    ]
+    kept, counted = Transcript(), Transcript(keep_text=False)
+    for event in events:
+        kept.add(event)
+        counted.add(event)
+    assert (kept.text, kept.restarts) == ("Hello world", 1)
+    assert (counted.text, counted.parts, counted.restarts) == ("", [], 1)

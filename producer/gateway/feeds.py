@@ -72,7 +72,7 @@ class JobFeed:
         self.keepalives = 0
         self.cursors: set[_Cursor] = set()
         self._client = client
-        self._job = AsyncJob(client, job_id)
+        self._job = AsyncJob(client, job_id, keep_text=False)  # frames only: no transcript
         self._keepalive = keepalive
         self._trim = trim
         self._changed = asyncio.Event()
