@@ -1,12 +1,13 @@
 """Lua scripts that change a job's keys atomically. Standard library only: sources, not clients.
 
-Each script touches the keys of one job only (one hash slot), so they run on Redis Cluster too.
-Every script is idempotent where a retry after a lost reply can happen:
+Each script but ``PUBLISH_MANY`` touches the keys of one job only (one hash slot), so they run on
+Redis Cluster too. Every script is idempotent where a retry after a lost reply can happen:
 
 - ``CREATE``   producer: create the job's state unless it exists.
 - ``CLAIM``    worker: take the job for a new attempt unless it is finished or its lease is live.
 - ``PUBLISH``  worker: append events to the log and the channel, only while holding the job
                (fencing), skipping seqs already published, optionally ending the job.
+- ``PUBLISH_MANY`` worker, single Redis only: ``PUBLISH`` for several jobs in one call.
 - ``RENEW``    worker: extend the lease while holding the job; report a cancel request.
 - ``CANCEL``   anyone: end a queued job at once, or flag a running one for its worker.
 - ``RELEASE``  worker: give a job back to the queue (graceful shutdown), keeping its log.
@@ -59,38 +60,71 @@ local cancel = redis.call('HEXISTS', KEYS[1], 'cancel')
 return {'claimed', attempt, seq, cancel}
 """
 
-# KEYS: state, log, channel, lease[, running].
-# ARGV: owner, lease_ms, publish command, ttl, tokens added, n (number of final field args),
-#       n final field/value args, then seq/payload pairs.
+# One job's batch, the body of PUBLISH and PUBLISH_MANY. The job's keys are KEYS[k] on: state,
+# log, channel, lease[, running when ``tracked``]. Its arguments are ARGV[a] to ARGV[last]: owner,
+# lease_ms, publish command, ttl, tokens added, n (number of final field args), n final field/value
+# args, then seq/payload pairs.
 # With n > 0 the batch ends the job: status and the final fields are written, the lease is
 # dropped, the keys expire after ttl and, given the running set (single Redis), the job leaves
 # it (its id is the hash tag of the state key). Returns -1 if not the owner, else the cancel
 # flag.
-PUBLISH: Final = """
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return -1 end
-local last = tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1')
-local n = tonumber(ARGV[6])
-for i = 7 + n, #ARGV, 2 do
-  local seq = tonumber(ARGV[i])
-  if seq > last then
-    redis.call('XADD', KEYS[2], '0-' .. (seq + 1), 'e', ARGV[i + 1])
-    redis.call(ARGV[3], KEYS[3], ARGV[i + 1])
-    last = seq
+_PUBLISH_JOB: Final = """
+local function publish(k, a, last, tracked)
+  if redis.call('HGET', KEYS[k], 'owner') ~= ARGV[a] then return -1 end
+  local done = tonumber(redis.call('HGET', KEYS[k], 'seq') or '-1')
+  local n = tonumber(ARGV[a + 5])
+  for i = a + 6 + n, last, 2 do
+    local seq = tonumber(ARGV[i])
+    if seq > done then
+      redis.call('XADD', KEYS[k + 1], '0-' .. (seq + 1), 'e', ARGV[i + 1])
+      redis.call(ARGV[a + 2], KEYS[k + 2], ARGV[i + 1])
+      done = seq
+    end
   end
+  redis.call('HSET', KEYS[k], 'seq', done)
+  if ARGV[a + 4] ~= '0' then redis.call('HINCRBY', KEYS[k], 'tokens', ARGV[a + 4]) end
+  if n > 0 then
+    redis.call('HSET', KEYS[k], unpack(ARGV, a + 6, a + 5 + n))
+    redis.call('HDEL', KEYS[k], 'owner')
+    redis.call('DEL', KEYS[k + 3])
+    redis.call('EXPIRE', KEYS[k], ARGV[a + 3])
+    redis.call('EXPIRE', KEYS[k + 1], ARGV[a + 3])
+    if tracked then redis.call('ZREM', KEYS[k + 4], string.match(KEYS[k], '{([^}]*)}')) end
+    return 0
+  end
+  return redis.call('HEXISTS', KEYS[k], 'cancel')
 end
-redis.call('HSET', KEYS[1], 'seq', last)
-if ARGV[5] ~= '0' then redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[5]) end
-if n > 0 then
-  redis.call('HSET', KEYS[1], unpack(ARGV, 7, 6 + n))
-  redis.call('HDEL', KEYS[1], 'owner')
-  redis.call('DEL', KEYS[4])
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
-  redis.call('EXPIRE', KEYS[2], ARGV[4])
-  if KEYS[5] then redis.call('ZREM', KEYS[5], string.match(KEYS[1], '{([^}]*)}')) end
-  return 0
-end
-return redis.call('HEXISTS', KEYS[1], 'cancel')
 """
+
+# KEYS: state, log, channel, lease[, running]. ARGV: one job's arguments (above).
+PUBLISH: Final = (
+    _PUBLISH_JOB
+    + """
+return publish(1, 1, #ARGV, KEYS[5] ~= nil)
+"""
+)
+
+# Several jobs' batches in one call, on a single Redis (the keys span slots). KEYS: each job's
+# keys in turn. ARGV: for each job, its number of keys (4, or 5 with the running set), its number
+# of arguments, then those arguments. Returns one reply per job, in order: PUBLISH's, or an error
+# reply for that job alone if its batch failed (what it wrote before the failure stays, as with
+# PUBLISH).
+PUBLISH_MANY: Final = (
+    _PUBLISH_JOB
+    + """
+local replies, k, a = {}, 1, 1
+while a <= #ARGV do
+  local keys, args = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  local ok, reply = pcall(publish, k, a + 2, a + 1 + args, keys == 5)
+  if not ok then
+    reply = redis.error_reply(type(reply) == 'table' and reply.err or tostring(reply))
+  end
+  replies[#replies + 1] = reply
+  k, a = k + keys, a + 2 + args
+end
+return replies
+"""
+)
 
 # KEYS: state, lease. ARGV: owner, lease_ms. Returns -1 if the lease is lost, else cancel flag.
 RENEW: Final = """

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from producer import Client
+from producer import Client, scripts
 from producer.devservers import RedisServer
 from producer.protocol import EventType, Keys
 from producer.settings import Settings
@@ -147,3 +147,70 @@ def test_a_cancel_request_reaches_the_stream_through_the_publish_reply(
     events = list(reader.subscribe("cancel").events(timeout=10))
     assert [e.type for e in events] == ["token", "token", "cancelled"]
     assert reader.status("cancel").status == "cancelled"
+
+
+def test_more_dirty_jobs_than_one_call_takes_each_get_their_own_reply(
+    setup: tuple[redis.Redis, Flusher, Client], prefix: str
+) -> None:
+    """150 jobs dirty at once go out as three ``PUBLISH_MANY`` calls in one write: Redis holds
+    the flusher's first call (``CLIENT PAUSE``) while every job buffers and submits."""
+    client, flusher, reader = setup
+    pilot = _claimed(client, prefix, "pilot", flusher=flusher)
+    jobs = {f"many{i}": [f"{i}.{n} " for n in range(3)] for i in range(150)}
+    publishers = {job: _claimed(client, prefix, job, flusher=flusher) for job in jobs}
+    client.client_pause(300, all=False)  # scripts wait; the test's reads don't
+    pilot.token("first ")
+    pilot.flush()
+    time.sleep(0.05)  # the flusher waits on Redis with the pilot's call
+    for job, texts in jobs.items():
+        for text in texts:
+            publishers[job].token(text)
+        publishers[job].flush()
+    for job in jobs:
+        publishers[job].finish(EventType.DONE, finish_reason="length")
+    pilot.finish(EventType.DONE)
+    for job, texts in jobs.items():
+        assert reader.subscribe(job).text(timeout=10) == "".join(texts)
+        assert reader.status(job).tokens == 3
+        assert publishers[job].tokens == 3
+
+
+def test_a_job_whose_keys_redis_refuses_fails_alone(
+    setup: tuple[redis.Redis, Flusher, Client], prefix: str
+) -> None:
+    """``PUBLISH_MANY`` answers each job on its own: a job whose log key holds a string (XADD
+    fails) gets Redis's error, the jobs before and after it in the same call are published."""
+    client, _, reader = setup
+    keys = Keys(prefix)
+    names = ["before", "broken", "after"]
+    for name in names:
+        _claimed(client, prefix, name)
+    client.set(keys.log("broken"), "not a stream", ex=60)
+    script = client.register_script(scripts.PUBLISH_MANY)
+    args: list[object] = []
+    for name in names:
+        job_args = [f"test:{name}", 60_000, "PUBLISH", 60, 1, 0, 0, f'{{"seq":0,"text":"{name}"}}']
+        args += [4, len(job_args), *job_args]
+    replies = script(keys=[k for name in names for k in keys.job_keys(name)], args=args)
+    assert replies[0] == 0 and replies[2] == 0
+    assert isinstance(replies[1], redis.ResponseError) and "WRONGTYPE" in str(replies[1])
+    for name in ("before", "after"):
+        assert client.xlen(keys.log(name)) == 1
+        assert reader.status(name).tokens == 1
+
+
+def test_a_job_redis_refuses_fails_its_stream_and_no_other(
+    setup: tuple[redis.Redis, Flusher, Client], prefix: str
+) -> None:
+    client, flusher, reader = setup
+    keys = Keys(prefix)
+    publishers = {name: _claimed(client, prefix, name, flusher=flusher) for name in ("ok", "bad")}
+    client.set(keys.log("bad"), "not a stream", ex=60)
+    for publisher in publishers.values():
+        publisher.token("one ")
+        publisher.flush()
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        publishers["bad"].sync()
+    publishers["ok"].token("two ")
+    publishers["ok"].finish(EventType.DONE)
+    assert reader.subscribe("ok").text(timeout=10) == "one two "

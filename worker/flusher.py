@@ -2,12 +2,19 @@
 
 Streams never talk to Redis for their tokens. A stream appends each event to its publisher's
 buffer and marks the publisher dirty; the flusher (a thread, a greenlet under gevent) wakes, lets
-whatever else is ready run first, then sends one ``EVALSHA`` of the ``PUBLISH`` script per dirty
-job, all of them in one write, and reads the replies. Nothing waits for a batch to fill: a lone
+whatever else is ready run first, then sends one ``EVALSHA`` of the ``PUBLISH_MANY`` script per
+``JOBS_PER_CALL`` dirty jobs, all of them in one write, and reads the replies (one per job in
+each call's reply). Nothing waits for a batch to fill: a lone
 token goes out on the next turn of the loop, and what arrives while a round trip is in flight
 goes out on the one after. One round trip is shared by every stream with something to send,
 and the commands are packed here from pre-encoded pieces instead of by redis-py's generic
 packer, which was the largest part of a token's CPU.
+
+One call for many jobs instead of one per job: Redis's cost per call (parsing it, finding the
+script, setting up Lua) and the flusher's cost per reply are shared by the call's jobs; calls are
+kept to ``JOBS_PER_CALL`` jobs so that no single script holds Redis for long. The flusher runs on
+a single Redis only (on a cluster a call's keys would span slots; there each stream calls
+``PUBLISH`` itself).
 
 A job has at most one batch in flight (the flusher is single), so its events reach Redis in
 order. A batch that fails on a dropped connection is sent again (the script skips seqs already
@@ -37,6 +44,8 @@ log = logging.getLogger("tokenrelay.worker")
 MAX_BUFFERED: Final = 10_000
 #: Bytes per write: a larger backlog is sent as several pipelines.
 MAX_WRITE: Final = 1 << 20
+#: Jobs per PUBLISH_MANY call: 64 jobs with one token each hold Redis for about half a ms.
+JOBS_PER_CALL: Final = 64
 
 
 def bulk(value: bytes) -> bytes:
@@ -57,11 +66,13 @@ class Outbox:
 
     def __init__(self, flusher: Flusher, keys: Iterable[str], head: Iterable[object]) -> None:
         self.flusher = flusher
-        # EVALSHA's fixed arguments after the command name and SHA: numkeys, keys, the head.
+        # The job's keys and its fixed arguments, encoded once.
         key_list = [_utf8(k) for k in keys]
-        fixed = [b"%d" % len(key_list), *key_list, *(_utf8(a) for a in head)]
-        self.fixed = b"".join(bulk(a) for a in fixed)
-        self.fixed_count = len(fixed)
+        head_list = [_utf8(a) for a in head]
+        self.keys = b"".join(bulk(k) for k in key_list)
+        self.key_count = len(key_list)
+        self.head = b"".join(bulk(a) for a in head_list)
+        self.head_count = len(head_list)
         self.events: deque[tuple[int, bytes, int]] = deque()
         self.final: list[bytes] | None = None
         self.inflight: list[tuple[int, bytes, int]] = []
@@ -103,7 +114,7 @@ class Flusher:
 
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
-        self._script = client.register_script(scripts.PUBLISH)  # loaded on the first NOSCRIPT
+        self._script = client.register_script(scripts.PUBLISH_MANY)  # loaded on the first NOSCRIPT
         self._evalsha = b"$7\r\nEVALSHA\r\n" + bulk(self._script.sha.encode())
         self._dirty: dict[Outbox, None] = {}
         self._wake = threading.Event()
@@ -167,36 +178,46 @@ class Flusher:
             inflight.append(events.popleft())
         return sum(len(payload) for _, payload, _ in inflight) + 64 * len(inflight)
 
-    def _pack(self, box: Outbox) -> bytes:
-        final = box.final if box.final is not None and not box.events else None
-        inflight = box.inflight
-        tokens = sum(t for _, _, t in inflight)
-        count = 2 + box.fixed_count + 2 + (len(final) if final else 0) + 2 * len(inflight)
-        parts = [
-            b"*%d\r\n" % count,
-            self._evalsha,
-            box.fixed,
-            bulk(b"%d" % tokens),
-            bulk(b"%d" % (len(final) if final else 0)),
-        ]
-        if final:
-            parts += [bulk(v) for v in final]
-        for seq, payload, _ in inflight:
-            s = b"%d" % seq
-            parts.append(b"$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(s), s, len(payload), payload))
-        box.sending_final = final is not None
-        return b"".join(parts)
+    def _pack(self, call: list[Outbox]) -> bytes:
+        """One ``EVALSHA`` of ``PUBLISH_MANY`` for the boxes of ``call``."""
+        keys: list[bytes] = []
+        args: list[bytes] = []
+        key_count = arg_count = 0
+        for box in call:
+            final = box.final if box.final is not None and not box.events else None
+            inflight = box.inflight
+            finals = len(final) if final else 0
+            count = box.head_count + 2 + finals + 2 * len(inflight)
+            keys.append(box.keys)
+            key_count += box.key_count
+            args += [
+                bulk(b"%d" % box.key_count),
+                bulk(b"%d" % count),
+                box.head,
+                bulk(b"%d" % sum(t for _, _, t in inflight)),
+                bulk(b"%d" % finals),
+            ]
+            if final:
+                args += [bulk(v) for v in final]
+            for seq, payload, _ in inflight:
+                s = b"%d" % seq
+                args.append(b"$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(s), s, len(payload), payload))
+            arg_count += 2 + count
+            box.sending_final = final is not None
+        head = [b"*%d\r\n" % (3 + key_count + arg_count), self._evalsha, bulk(b"%d" % key_count)]
+        return b"".join(head + keys + args)
 
     def _send(self, conn: Any, batch: list[Outbox]) -> None:
-        data = b"".join([self._pack(box) for box in batch])
+        calls = [batch[i : i + JOBS_PER_CALL] for i in range(0, len(batch), JOBS_PER_CALL)]
+        data = b"".join([self._pack(call) for call in calls])
 
         def roundtrip() -> list[Any]:
             conn.send_packed_command([data], check_health=False)
             replies: list[Any] = []
-            for _ in batch:
+            for _ in calls:
                 try:
                     replies.append(conn.read_response())
-                except ResponseError as exc:  # this command failed; the connection is fine
+                except ResponseError as exc:  # this call failed; the connection is fine
                     replies.append(exc)
             return replies
 
@@ -212,20 +233,22 @@ class Flusher:
         metrics.PUBLISH.observe(now - began)
         tokens = 0
         reload = False
-        for box, reply in zip(batch, replies, strict=True):
+        for call, reply in zip(calls, replies, strict=True):
             if isinstance(reply, NoScriptError):
                 reload = True  # Redis restarted without its script cache: load, send again
-                self._dirty[box] = None
+                for box in call:
+                    self._dirty[box] = None
                 continue
-            if isinstance(reply, Exception):
-                self._fail(box, reply)
-                continue
-            tokens += self._confirm(box, int(reply), began)
+            for box, answer in zip(call, _per_job(reply, len(call)), strict=True):
+                if isinstance(answer, Exception):
+                    self._fail(box, answer)
+                else:
+                    tokens += self._confirm(box, int(answer), began)
         if tokens:
             metrics.TOKENS.inc(tokens)
         if reload:  # the boxes are dirty again: the run loop sends them after this
             with contextlib.suppress(redis.RedisError):
-                self._client.script_load(scripts.PUBLISH)
+                self._client.script_load(scripts.PUBLISH_MANY)
 
     @staticmethod
     def _confirm(box: Outbox, reply: int, began: float) -> int:
@@ -258,3 +281,13 @@ class Flusher:
         box.error = exc
         box.closed = True
         box.changed.set()
+
+
+def _per_job(reply: Any, jobs: int) -> list[Any]:
+    """A ``PUBLISH_MANY`` reply as one answer per job: the call's error for each of its jobs if
+    the whole call failed."""
+    if isinstance(reply, Exception):
+        return [reply] * jobs
+    if not isinstance(reply, list) or len(reply) != jobs:
+        return [ResponseError(f"PUBLISH_MANY answered {reply!r:.80} for {jobs} jobs")] * jobs
+    return reply

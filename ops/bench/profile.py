@@ -215,8 +215,8 @@ def _redis_free_flusher(flusher: Flusher) -> Iterator[None]:
 
     def confirm(conn: Any, batch: list[Outbox]) -> None:
         began = time.monotonic()
+        flusher._pack(batch)  # the packing is the worker's work; the round trip is not
         for box in batch:
-            flusher._pack(box)  # the packing is the worker's work; the round trip is not
             flusher._confirm(box, 0, began)
 
     flusher._send = confirm  # type: ignore[method-assign]
