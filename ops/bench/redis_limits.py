@@ -1,5 +1,5 @@
 """Redis's limits, measured on a private redis-server: its own ``redis-benchmark`` PUBLISH rate,
-redis-py's pipelined PUBLISH rate, and what the log costs: the worker's real PUBLISH script
+redis-py's pipelined PUBLISH rate, and what the log costs: the worker's real publish scripts
 (XADD + PUBLISH per event) against PUBLISH alone, at the same batch sizes."""
 
 from __future__ import annotations
@@ -19,11 +19,23 @@ import redis
 
 from producer import scripts
 from producer.protocol import Keys, encode_token
+from worker.flusher import JOBS_PER_CALL
 
 PAYLOAD_TEXT: Final = "|123:1700000000000000000"  # a stamped token's text, as in the scenarios
 TOKENS_PER_JOB: Final = 200
-_XADD_LINE: Final = "    redis.call('XADD', KEYS[2], '0-' .. (seq + 1), 'e', ARGV[i + 1])\n"
-PUBLISH_ONLY_SCRIPT: Final = scripts.PUBLISH.replace(_XADD_LINE, "")
+
+
+def without_log(script: str) -> str:
+    """A publish script with its XADD line removed: fencing, state and PUBLISH as they are."""
+    lines = script.splitlines()
+    kept = [line for line in lines if "'XADD'" not in line]
+    if len(kept) != len(lines) - 1:
+        raise ValueError("the publish script's XADD is no longer on a line of its own")
+    return "\n".join(kept)
+
+
+PUBLISH_ONLY_SCRIPT: Final = without_log(scripts.PUBLISH)
+PUBLISH_MANY_ONLY_SCRIPT: Final = without_log(scripts.PUBLISH_MANY)
 
 
 def _resp(*parts: str) -> bytes:
@@ -136,13 +148,13 @@ class LogCost:
     client_rate: float  # tokens/s one redis-py connection achieves
     server_us_per_token: float  # Redis CPU per token (INFO used_cpu: I/O included)
     command_us_per_token: float  # Redis's time in the commands themselves (INFO commandstats)
-    depth: int = 1  # calls per round trip: >1 is the worker's flusher (one call per job, pipelined)
+    depth: int = 1  # jobs per round trip: >1 is the worker's flusher (PUBLISH_MANY calls)
 
     @property
     def label(self) -> str:
         if self.depth == 1:
             return str(self.batch)
-        return f"{self.batch} per call, {self.depth} calls pipelined"
+        return f"{self.batch} per job, {self.depth} jobs per round trip"
 
     @property
     def server_capacity(self) -> float:
@@ -207,10 +219,12 @@ def _publish_tokens(
 def _pipelined(
     client: redis.Redis, jobs: _Jobs, method: str, batch: int, depth: int, sha: str
 ) -> Callable[[], int]:
-    """As the worker's flusher sends: each round trip carries one call per job for ``depth``
-    jobs, each with the job's next ``batch`` tokens."""
+    """As the worker's flusher sends: each round trip carries ``depth`` jobs' next ``batch``
+    tokens, in ``PUBLISH_MANY`` calls of ``JOBS_PER_CALL`` jobs (``depth`` x ``batch``
+    PUBLISHes for PUBLISH alone)."""
     if method != "publish":
-        client.script_load(scripts.PUBLISH if method == "lua-xadd-publish" else PUBLISH_ONLY_SCRIPT)
+        many = scripts.PUBLISH_MANY if method == "lua-xadd-publish" else PUBLISH_MANY_ONLY_SCRIPT
+        sha = client.script_load(many)
 
     def run() -> int:
         sent = 0
@@ -220,17 +234,23 @@ def _pipelined(
             for start in range(0, TOKENS_PER_JOB, batch):
                 seqs = range(start, min(start + batch, TOKENS_PER_JOB))
                 pipe = client.pipeline(transaction=False)
-                for job_id, keys in group:
-                    payloads = [(seq, encode_token(job_id, seq, PAYLOAD_TEXT)) for seq in seqs]
-                    if method == "publish":
-                        for _, payload in payloads:
-                            pipe.publish(keys[2], payload)
-                    else:
-                        args: list[Any] = ["bench", 10_000, "PUBLISH", 600, len(payloads), 0]
+                for call in range(0, len(group), JOBS_PER_CALL):
+                    keys: list[str] = []
+                    args: list[Any] = []
+                    for job_id, job_keys in group[call : call + JOBS_PER_CALL]:
+                        payloads = [(seq, encode_token(job_id, seq, PAYLOAD_TEXT)) for seq in seqs]
+                        sent += len(payloads)
+                        if method == "publish":
+                            for _, payload in payloads:
+                                pipe.publish(job_keys[2], payload)
+                            continue
+                        job_args: list[Any] = ["bench", 10_000, "PUBLISH", 600, len(payloads), 0]
                         for seq, payload in payloads:
-                            args += (seq, payload)
+                            job_args += (seq, payload)
+                        keys += job_keys
+                        args += [len(job_keys), len(job_args), *job_args]
+                    if keys:
                         pipe.evalsha(sha, len(keys), *keys, *args)
-                    sent += len(payloads)
                 pipe.execute()
         return sent
 

@@ -9,6 +9,7 @@ from ops.bench.profile import Profile
 from ops.bench.run import BenchResults
 from ops.bench.scenarios import LiveResult
 from ops.bench.stats import Summary
+from worker.flusher import JOBS_PER_CALL
 
 LIVE_COLUMNS = (
     "scenario",
@@ -417,7 +418,7 @@ def _section_log_cost(results: BenchResults) -> str:
             ]
         )
     headers = [
-        "tokens per call",
+        "tokens per call (per job)",
         "client tok/s: PUBLISH / Lua PUBLISH / Lua XADD+PUBLISH",
         "Redis CPU µs/tok (same order)",
         "Redis command µs/tok (same order)",
@@ -426,7 +427,7 @@ def _section_log_cost(results: BenchResults) -> str:
         "client ratio",
     ]
     text = (
-        "The worker's real PUBLISH script (`producer/scripts.py`: XADD to the log and PUBLISH "
+        "The worker's real publish scripts (`producer/scripts.py`: XADD to the log and PUBLISH "
         "per event, plus the state hash) against PUBLISH alone (pipelined, the same number per "
         "round trip), same payloads (token events of ~90 bytes), one redis-py connection, one "
         "subscriber on every channel; the methods take turns in 4 rounds. Client tok/s: what "
@@ -435,9 +436,9 @@ def _section_log_cost(results: BenchResults) -> str:
         "divided by without it. Command µs: Redis's time inside the commands (INFO "
         "commandstats), I/O excluded. Lua PUBLISH: the same script without its XADD line, to "
         "separate Lua's cost from the log's; XADD's own cost is the difference of their "
-        'command times. "1 per call, N calls pipelined" is how the worker\'s flusher sends: '
-        "one call per job with that job's new token, N jobs' calls in one round trip (N "
-        "PUBLISHes per round trip for PUBLISH alone)."
+        'command times. "1 per job, N jobs per round trip" is how the worker\'s flusher sends: '
+        f"each job's new token, N jobs in one round trip, in PUBLISH_MANY calls of "
+        f"{JOBS_PER_CALL} jobs (N PUBLISHes per round trip for PUBLISH alone)."
     )
     return "\n".join(
         ["## The log's cost: XADD + PUBLISH vs PUBLISH alone", "", text, "", table(headers, rows)]
