@@ -53,6 +53,7 @@ METRICS = frozenset(
         "tokenrelay_queue_depth",
         "tokenrelay_running_jobs",
         "tokenrelay_gateway_streams",
+        "tokenrelay_gateway_feed_frames",
         "tokenrelay_gateway_requests_total",
     }
 )

@@ -156,6 +156,17 @@ def test_gateway_metrics_and_health_url(gateway: Gateway, client: Client) -> Non
     assert metrics['tokenrelay_gateway_requests_total{route="/v1/jobs",status="202"}'] >= 1
     assert "tokenrelay_queue_depth" in metrics and "tokenrelay_running_jobs" in metrics
     assert "tokenrelay_gateway_streams" in metrics
+    # A reader mid-job: its job's feed holds the frames read so far (fewer than it drops at).
+    body = {"prompt": marker("gwm3"), "max_tokens": 20, "model": "mock?delay_ms=100"}
+    job = requests.post(gateway.url + "/v1/jobs", json=body, timeout=10).json()
+    with requests.get(gateway.url + job["events_url"], stream=True, timeout=30) as stream:
+        lines = stream.iter_lines()  # held: a generator closed early would close the stream
+        for line in lines:
+            if line == b"id: 3":
+                break
+        scraped = parse_metrics(requests.get(gateway.url + "/metrics", timeout=10).text)
+    held = scraped["tokenrelay_gateway_feed_frames"] - metrics["tokenrelay_gateway_feed_frames"]
+    assert 4 <= held <= 22
     env = {"PATH": "", "HOME": "/"}
     assert cli(env, "health", "--url", gateway.url + "/healthz").returncode == 0
     bad = cli(env, "health", "--url", f"http://127.0.0.1:{free_port()}/healthz")
