@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import logging
 import socket
 import threading
 import time
@@ -17,10 +18,16 @@ import requests
 import sseclient
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from producer import AsyncClient, Client, EventType, Status
+from producer.devservers import asgi_in_thread
 from producer.gateway import compat
 from producer.gateway.feeds import Feeds, LogGone
+from producer.gateway.sse import EventStream
 from producer.mock_upstream import generate
 from producer.protocol import LOG_FIELD, decode, encode, log_entry_id, make_event
 from tests.conftest import Fleet, Gateway, Mock, marker
@@ -752,3 +759,28 @@ def test_hostile_bodies_are_refused_cleanly(gateway: Gateway) -> None:
         )
         assert sneaky.status_code == 422
         assert sneaky.json()["error"]["message"] == f"{field}: unknown field"
+
+
+def test_an_event_stream_that_fails_ends_and_says_why_in_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stream whose frames fail (here: its events left the log) ends after what it sent,
+    and the gateway logs why instead of ending it as silently as a client that left."""
+
+    async def frames() -> AsyncIterator[bytes]:
+        yield b"id: 0\ndata: {}\n\n"
+        raise LogGone("job j: events 1 to 5 are gone")
+
+    async def events(request: Request) -> Response:
+        return EventStream(frames())
+
+    app = Starlette(routes=[Route("/events", events)])
+    with caplog.at_level(logging.WARNING, "tokenrelay.gateway"), asgi_in_thread(app) as url:
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            requests.get(url + "/events", timeout=10).content  # noqa: B018
+        deadline = time.monotonic() + 5
+        while not caplog.records and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert [r.getMessage() for r in caplog.records] == [
+        "an event stream ended before its job: job j: events 1 to 5 are gone"
+    ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final
 
@@ -17,6 +18,8 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from producer.gateway.metrics import STREAMS
+
+log = logging.getLogger("tokenrelay.gateway")
 
 DONE_FRAME: Final = b"data: [DONE]\n\n"
 KEEPALIVE_FRAME: Final = b": keep-alive\n\n"
@@ -76,8 +79,11 @@ class EventStream(Response):
                     await task
             with contextlib.suppress(Exception):
                 await self.frames.aclose()  # type: ignore[attr-defined]
-        if pump.done() and not pump.cancelled() and pump.exception() is not None:
-            left = True  # the client went away while we were writing to it
+        failure = pump.exception() if pump.done() and not pump.cancelled() else None
+        if failure is not None:
+            if not isinstance(failure, OSError):  # not the client going away mid-write
+                log.warning("an event stream ended before its job: %s", failure)
+            left = True
         if left and self.on_disconnect is not None:
             await self.on_disconnect()
 
