@@ -455,9 +455,10 @@ def test_a_feed_holds_only_what_its_slowest_reader_has_still_to_send(
     entries = client.redis.xrange(client.keys.log(job_id))
     expected_frames = [event_frame(values[LOG_FIELD.encode()]) for _, values in entries]
     assert len(expected_frames) == 82
-    # 40 frames sent to the early reader, at most 16 held at any time (2 x the threshold:
-    # dropped when at least half of those held are sent).
-    assert most_held <= 16
+    # 40 frames sent to the early reader; the feed drops the sent ones once it holds 8 (and at
+    # least half are sent), so it holds under 16 plus one batch of events (a few, unless this
+    # process stalls), never all 40.
+    assert most_held < 30
     assert held_at_join < 40  # so the late readers' first frames can only come from the log
     assert sse_frames(early) == sse_frames(late) == expected_frames
     assert sse_frames(resumed) == expected_frames[6:]
