@@ -20,6 +20,7 @@ exactly one ends every job.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping
@@ -276,7 +277,7 @@ def decode(data: bytes | str) -> Event:
     if type(version) is not int or version != VERSION:
         raise ProtocolError(f"v: unsupported protocol version {_shown(obj.get('v'))}")
     job = obj.get("job")
-    if type(job) is not str or not JOB_ID_PATTERN.fullmatch(job):
+    if type(job) is not str or not _valid_job_id(job):
         raise ProtocolError("job: not a valid job id")
     seq = obj.get("seq")
     if type(seq) is not int or not 0 <= seq <= MAX_SEQ:  # a bool is not an int here
@@ -289,9 +290,15 @@ def decode(data: bytes | str) -> Event:
         value = obj.get(name)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise ProtocolError(f"{name}: required on a {type_} event")
-    fields = {k: v for k, v in obj.items() if k not in _RESERVED}
-    assert isinstance(job, str)
-    return Event(job, seq, type_, fields)
+    for name in _RESERVED:  # what is left is the type's own fields (``obj`` is ours alone)
+        del obj[name]
+    return Event(job, seq, type_, obj)
+
+
+@functools.lru_cache(maxsize=4096)
+def _valid_job_id(job: str) -> bool:
+    """Whether ``job`` is a valid job id; a reader decodes many events of few jobs."""
+    return JOB_ID_PATTERN.fullmatch(job) is not None
 
 
 def encode_cancel(job_id: str) -> bytes:
