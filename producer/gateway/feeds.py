@@ -185,21 +185,20 @@ class Feeds:
             await feed.stop()
 
     async def _read(self, job_id: str, position: int) -> AsyncIterator[bytes]:
-        cursor = _Cursor(position)
+        cursor = _Cursor(position)  # moved on before each chunk is sent: the feed may drop it
         feed = self._join(job_id, cursor)
         keepalives = feed.keepalives
         try:
             while True:
-                if position < feed.base:
-                    chunk, position = await feed.from_log(position)
-                    cursor.position = position
+                if cursor.position < feed.base:
+                    chunk, cursor.position = await feed.from_log(cursor.position)
                     yield chunk
                     continue
-                frames, index = feed.frames, position - feed.base
+                frames, index = feed.frames, cursor.position - feed.base
                 if index < len(frames):
                     end = min(len(frames), index + CHUNK_FRAMES)
                     chunk = b"".join(frames[index:end])
-                    position = cursor.position = feed.base + end
+                    cursor.position = feed.base + end
                     yield chunk
                 elif feed.done:
                     if feed.failure is not None:
