@@ -185,13 +185,13 @@ class _Jobs:
 def _publish_tokens(
     client: redis.Redis, jobs: _Jobs, method: str, batch: int, depth: int = 1
 ) -> Callable[[], int]:
-    """A function that publishes every job's tokens ``batch`` per call and ``depth`` calls (of
-    as many jobs) per round trip; returns the tokens sent."""
+    """A function that publishes every job's tokens ``batch`` per call, or with ``depth`` > 1
+    ``depth`` jobs per round trip as the flusher does; returns the tokens sent."""
+    if depth > 1:
+        return _pipelined(client, jobs, method, batch, depth)
     lua = client.register_script(
         scripts.PUBLISH if method == "lua-xadd-publish" else PUBLISH_ONLY_SCRIPT
     )
-    if depth > 1:
-        return _pipelined(client, jobs, method, batch, depth, lua.sha)
 
     def run() -> int:
         sent = 0
@@ -217,14 +217,13 @@ def _publish_tokens(
 
 
 def _pipelined(
-    client: redis.Redis, jobs: _Jobs, method: str, batch: int, depth: int, sha: str
+    client: redis.Redis, jobs: _Jobs, method: str, batch: int, depth: int
 ) -> Callable[[], int]:
     """As the worker's flusher sends: each round trip carries ``depth`` jobs' next ``batch``
     tokens, in ``PUBLISH_MANY`` calls of ``JOBS_PER_CALL`` jobs (``depth`` x ``batch``
     PUBLISHes for PUBLISH alone)."""
-    if method != "publish":
-        many = scripts.PUBLISH_MANY if method == "lua-xadd-publish" else PUBLISH_MANY_ONLY_SCRIPT
-        sha = client.script_load(many)
+    many = scripts.PUBLISH_MANY if method == "lua-xadd-publish" else PUBLISH_MANY_ONLY_SCRIPT
+    sha = "" if method == "publish" else client.script_load(many)
 
     def run() -> int:
         sent = 0
