@@ -4,6 +4,7 @@ requests) against a gateway process in front of a real worker and the mock upstr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import logging
@@ -462,6 +463,43 @@ def test_a_feed_holds_only_what_its_slowest_reader_has_still_to_send(
     assert held_at_join < 40  # so the late readers' first frames can only come from the log
     assert sse_frames(early) == sse_frames(late) == expected_frames
     assert sse_frames(resumed) == expected_frames[6:]
+    assert open_feeds == 0
+
+
+def test_a_reader_that_stops_reading_does_not_make_its_feed_hold_the_job(
+    fleet: Fleet, client: Client
+) -> None:
+    """In process, with small thresholds: one reader takes a chunk and then reads nothing while
+    another reads the whole job. The feed holds at most about ``lag`` frames all along, not the
+    job; when the stalled reader goes on, it gets what the feed dropped from the log and the
+    rest from the feed: every event once, in order, byte for byte what the other got."""
+    prompt = marker("lag")
+
+    async def collect(frames: AsyncIterator[bytes]) -> bytes:
+        return b"".join([chunk async for chunk in frames])
+
+    async def body() -> tuple[str, bytes, bytes, int, int]:
+        async with AsyncClient(settings=fleet.settings) as aclient:
+            feeds = Feeds(aclient, keepalive=15, trim=8, lag=24)
+            job = await aclient.submit(prompt, model="mock?delay_ms=5", max_tokens=100)
+            stalled, reading = feeds.frames(job.id, -1), feeds.frames(job.id, -1)
+            first = await anext(stalled)
+            got, most_held = b"", 0
+            with contextlib.suppress(StopAsyncIteration):
+                while True:
+                    got += await anext(reading)
+                    most_held = max(most_held, feeds.held)
+            rest = await collect(stalled)
+            return job.id, got, first + rest, most_held, len(feeds)
+
+    job_id, whole, after_stall, most_held, open_feeds = asyncio.run(asyncio.wait_for(body(), 60))
+    entries = client.redis.xrange(client.keys.log(job_id))
+    expected_frames = [event_frame(values[LOG_FIELD.encode()]) for _, values in entries]
+    assert len(expected_frames) == 102
+    # Past 24 frames held the feed keeps the newest 8, so it holds under 24 plus one batch of
+    # events (a few, unless this process stalls); without the cap it would hold nearly all 102.
+    assert most_held < 40
+    assert sse_frames(whole) == sse_frames(after_stall) == expected_frames
     assert open_feeds == 0
 
 

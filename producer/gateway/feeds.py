@@ -11,9 +11,13 @@ A frame's position in the feed is its event's ``seq`` (the protocol's seqs rise 
 so a reader resuming after ``Last-Event-ID: N`` starts at ``N + 1``. The feed reads the job from
 its start but holds only the frames some reader has still to send: once it holds ``TRIM_FRAMES``
 it drops those every reader is past (when that is at least half of them), so a long job costs
-the gateway the distance between its slowest and fastest reader, not its length. A reader that
-starts before the oldest frame held reads those events from the job's log, and then goes on in
-the feed. The feed stops, unsubscribes and is forgotten when its last reader leaves.
+the gateway the distance between its slowest and fastest reader, not its length. That distance
+is capped too: a reader that stops reading (a stalled client, whose connection may take minutes
+to time out) would otherwise hold every frame after it, so once the feed holds ``LAG_FRAMES`` it
+keeps only the newest ``TRIM_FRAMES``, whoever is behind them. A reader whose position is before
+the oldest frame held (it fell that far behind, started late, or resumed from an old
+``Last-Event-ID``) reads those events from the job's log, and then goes on in the feed. The
+feed stops, unsubscribes and is forgotten when its last reader leaves.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ from producer.reading import Published, published_from_log
 CHUNK_FRAMES: Final = 1000
 #: A feed holding this many frames drops those every reader has sent.
 TRIM_FRAMES: Final = 512
+#: A feed holding this many frames keeps only the newest ``TRIM_FRAMES``: the readers behind
+#: them read from the log. About 250 KB of frames per job at most, however its readers read.
+LAG_FRAMES: Final = 4 * TRIM_FRAMES
 
 
 class LogGone(Exception):
@@ -61,7 +68,12 @@ class JobFeed:
     """A job's SSE frames from seq ``base`` on, and a wake-up for the readers waiting on more."""
 
     def __init__(
-        self, client: AsyncClient, job_id: str, keepalive: float, trim: int = TRIM_FRAMES
+        self,
+        client: AsyncClient,
+        job_id: str,
+        keepalive: float,
+        trim: int = TRIM_FRAMES,
+        lag: int = LAG_FRAMES,
     ) -> None:
         self.job_id = job_id
         self.frames: list[bytes] = []
@@ -75,6 +87,7 @@ class JobFeed:
         self._job = AsyncJob(client, job_id, keep_text=False)  # frames only: no transcript
         self._keepalive = keepalive
         self._trim = trim
+        self._lag = max(lag, trim)
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -112,16 +125,20 @@ class JobFeed:
         self._changed.set()  # wakes every reader waiting now
         self._changed.clear()
 
-    def _drop_sent(self) -> None:
-        """Drop the frames every reader has sent, if that is at least half of those held."""
+    def _drop(self) -> None:
+        """Drop the frames every reader has sent, if that is at least half of those held; past
+        ``lag`` frames held, all but the newest ``trim`` (the readers behind go to the log)."""
         held = len(self.frames)
         if held < self._trim:
             return
         slowest = min((cursor.position for cursor in self.cursors), default=self.base + held)
-        sent = min(slowest - self.base, held)
-        if sent * 2 >= held:
-            del self.frames[:sent]
-            self.base += sent
+        drop = min(slowest - self.base, held)
+        if drop * 2 < held:
+            if held < self._lag:
+                return
+            drop = held - self._trim
+        del self.frames[:drop]
+        self.base += drop
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -130,7 +147,7 @@ class JobFeed:
             while not self._job.done:
                 batch = await self._job.next_events(quiet_until - loop.time())
                 if batch:
-                    self._drop_sent()
+                    self._drop()
                     self.frames += [event_frame(item) for item in batch]
                 elif loop.time() >= quiet_until:
                     self.keepalives += 1
@@ -148,10 +165,17 @@ class JobFeed:
 class Feeds:
     """The gateway's feeds by job id, created by a job's first reader, dropped after its last."""
 
-    def __init__(self, client: AsyncClient, keepalive: float, trim: int = TRIM_FRAMES) -> None:
+    def __init__(
+        self,
+        client: AsyncClient,
+        keepalive: float,
+        trim: int = TRIM_FRAMES,
+        lag: int = LAG_FRAMES,
+    ) -> None:
         self._client = client
         self._keepalive = keepalive
         self._trim = trim
+        self._lag = lag
         self._feeds: dict[str, JobFeed] = {}
 
     def __len__(self) -> int:
@@ -172,7 +196,7 @@ class Feeds:
     def _join(self, job_id: str, cursor: _Cursor) -> JobFeed:
         feed = self._feeds.get(job_id)
         if feed is None:
-            feed = JobFeed(self._client, job_id, self._keepalive, self._trim)
+            feed = JobFeed(self._client, job_id, self._keepalive, self._trim, self._lag)
             self._feeds[job_id] = feed
             feed.start()
         feed.cursors.add(cursor)
