@@ -221,7 +221,9 @@ class Multiplexer:
                 return
             del self._listeners[channel]
             self._confirmed.pop(channel, None)
-            if self._pubsub is not None:
+            # After ``close`` the connection is gone: a reader finalized late (an ``events()``
+            # left suspended by a ``break``) must not open it again.
+            if self._pubsub is not None and not self._closed:
                 with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
                     if self._sharded:
                         await self._pubsub.sunsubscribe(channel)
@@ -234,9 +236,10 @@ class Multiplexer:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        if self._pubsub is not None:
-            with contextlib.suppress(Exception):
-                await self._pubsub.aclose()
+        async with self._lock:  # not under an unsubscribe that is sending
+            if self._pubsub is not None:
+                with contextlib.suppress(Exception):
+                    await self._pubsub.aclose()
 
     def _ensure_running(self) -> None:
         if self._task is None or self._task.done():

@@ -341,3 +341,39 @@ def test_a_listener_waits_for_an_offer_or_its_time_and_marks_overflow() -> None:
         listener.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_reader_that_stopped_iterating_closes_quietly_with_its_client(
+    fleet: Fleet, redis_server: Any
+) -> None:
+    """``break`` at the terminal event leaves ``events()`` suspended; asyncio finalizes it later
+    in a task of its own, often while the client is closing (the end of ``async with``) or after.
+    Its unsubscribe must then neither fail (asyncio would log an error nobody can catch) nor
+    open a connection again."""
+    prompt = marker("break")
+    name = "break-" + secrets.token_hex(4)
+
+    async def main() -> tuple[list[str], int]:
+        async with AsyncClient(settings=fleet.settings, client_name=name) as client:
+            job = await client.submit(prompt, max_tokens=5, follow=True)
+            events, late = job.events(timeout=30), (await client.submit(prompt, max_tokens=5))
+            texts = []
+            async for event in events:
+                if event.terminal:
+                    break
+                texts.append(event.text)
+            late_events = late.events(timeout=30)
+            await anext(late_events)  # subscribed, suspended
+            # What the loop's finalizer does with a dropped generator: close it in a task.
+            finalizing = asyncio.ensure_future(events.aclose())  # type: ignore[attr-defined]
+        await finalizing
+        await late_events.aclose()  # type: ignore[attr-defined]  # after the close
+        r = redis.Redis(port=redis_server.port)
+        try:
+            return texts, sum(1 for c in r.client_list() if c["name"] == name)
+        finally:
+            r.close()
+
+    texts, connections = asyncio.run(asyncio.wait_for(main(), 60))
+    assert "".join(texts) == "".join(generate(prompt, 5)[0])
+    assert connections == 0
