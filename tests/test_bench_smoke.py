@@ -47,9 +47,16 @@ def test_the_smoke_run_loses_nothing_and_prints_the_table() -> None:
         assert fanout.to_redis.count == fanout.spec.jobs * fanout.spec.tokens
         assert fanout.gateway_latency.count == fanout.frames
         assert 0 < fanout.redis_connections_max <= 9
+    # The pub/sub hop: every message reached the subscriber process, none before it was sent.
+    hop = results.limits.pubsub_hop
+    assert hop is not None and hop.count == config.pubsub_hop_messages
+    assert hop.p50 is not None and 0 < hop.p50 <= (hop.max or 0)
     assert results.clean
 
     text = render(results)
     assert _header_cells(text, "scenario")[: len(LIVE_COLUMNS)] == list(LIVE_COLUMNS)
     assert _header_cells(text, "target") == ["target", "measured", "verdict"]
     assert "## Machine" in text and "## Limits" in text
+    assert _header_cells(text, "leg") == ["leg", "p50 ms", "p99 ms"]
+    assert "| both legs (sum of the p50s)" in text
+    assert "| tokenrelay's tok lat at 5 x 20 ms (live scenarios)" in text

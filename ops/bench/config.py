@@ -38,6 +38,7 @@ class BenchConfig:
     log_cost_batches: tuple[int, ...]
     log_cost_tokens: int
     log_cost_pipelined: int  # calls per round trip in the flusher-like setup (0: not measured)
+    pubsub_hop_messages: int  # PUBLISH -> subscriber latency at an idle pace (0: not measured)
     parse_bodies: int
     parse_repeats: int
     profile: bool
@@ -80,6 +81,7 @@ class BenchConfig:
             log_cost_batches=(1, 10, 100),
             log_cost_tokens=20_000,
             log_cost_pipelined=100,
+            pubsub_hop_messages=200,
             parse_bodies=50,
             parse_repeats=3,
             profile=True,
@@ -101,6 +103,7 @@ class BenchConfig:
             log_cost_batches=(1, 10),
             log_cost_tokens=1_000,
             log_cost_pipelined=10,
+            pubsub_hop_messages=10,
             parse_bodies=2,
             parse_repeats=1,
             profile=False,
@@ -122,6 +125,7 @@ class BenchConfig:
             redis_benchmark_requests=self.redis_benchmark_requests if "limits" in keys else 0,
             publish_messages=self.publish_messages if "limits" in keys else 0,
             log_cost_batches=self.log_cost_batches if "limits" in keys else (),
+            pubsub_hop_messages=self.pubsub_hop_messages if "limits" in keys else 0,
             parse_bodies=self.parse_bodies if "limits" in keys else 0,
             profile=self.profile and "profile" in keys,
         )

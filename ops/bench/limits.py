@@ -13,13 +13,17 @@ from ops.bench.redis_limits import (
     LogCost,
     log_costs,
     pipelined_publish,
+    pubsub_hop,
     redis_benchmark_publish,
     unlimited_pubsub_buffers,
 )
+from ops.bench.stats import Summary
 from ops.bench.upstream_limits import RawUpstream, parse_rates, raw_upstream, sample_body
 from producer.devservers import RedisServer
 
 LOG_COST_METHODS = ("publish", "lua-publish", "lua-xadd-publish")
+#: The pub/sub hop is timed at the paced scenarios' pace: one message per 20 ms.
+HOP_INTERVAL_S = 0.02
 
 
 @dataclass
@@ -30,6 +34,7 @@ class Limits:
     log_costs: list[LogCost] = field(default_factory=list)
     raw_upstream: dict[str, RawUpstream] = field(default_factory=dict)  # by scenario key
     parse: dict[tuple[str, str], float] = field(default_factory=dict)  # (counter, chunking)
+    pubsub_hop: Summary | None = None  # ms, PUBLISH to a subscriber process, at an idle pace
 
     @property
     def redis_publish(self) -> float | None:
@@ -50,7 +55,12 @@ class Limits:
 
 def measure_redis(cfg: BenchConfig, workdir: Path, limits: Limits) -> None:
     """On a private redis-server of its own, so nothing else runs on it meanwhile."""
-    if not (cfg.redis_benchmark_requests or cfg.publish_messages or cfg.log_cost_batches):
+    if not (
+        cfg.redis_benchmark_requests
+        or cfg.publish_messages
+        or cfg.log_cost_batches
+        or cfg.pubsub_hop_messages
+    ):
         return
     (workdir / "redis-limits").mkdir(parents=True, exist_ok=True)
     server = RedisServer(directory=workdir / "redis-limits").start()
@@ -83,6 +93,8 @@ def measure_redis(cfg: BenchConfig, workdir: Path, limits: Limits) -> None:
                 LOG_COST_METHODS,
                 pipelined=cfg.log_cost_pipelined,
             )
+        if cfg.pubsub_hop_messages:
+            limits.pubsub_hop = pubsub_hop(port, workdir, cfg.pubsub_hop_messages, HOP_INTERVAL_S)
     finally:
         server.stop()
 

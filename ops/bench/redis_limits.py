@@ -13,10 +13,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import redis
 
+from ops.bench.stats import Summary
+from ops.bench.tap import Tap
 from producer import scripts
 from producer.protocol import Keys, encode_token
 from worker.flusher import JOBS_PER_CALL
@@ -321,3 +324,26 @@ def log_costs(
     finally:
         client.close()
     return results
+
+
+def pubsub_hop(port: int, workdir: Path, messages: int, interval_s: float) -> Summary:
+    """ms from a redis-py ``PUBLISH`` to a subscriber in a process of its own (the tap), one
+    message every ``interval_s``: the Redis leg of a token's path at an idle pace, with no
+    tokenrelay code on either side (the publisher stamps right before it sends)."""
+    prefix = "hop"
+    tap = Tap(f"redis://127.0.0.1:{port}", prefix, workdir / "hop-tap.txt").start()
+    client = redis.Redis(port=port, socket_timeout=10)
+    sent: list[tuple[str, int]] = []
+    try:
+        channel = Keys(prefix).channel("0" * 32)
+        for index in range(messages):
+            time.sleep(interval_s)
+            stamp = time.time_ns()
+            text = f"|{index}:{stamp}"
+            client.publish(channel, b'{"text":"%s"}' % text.encode())
+            sent.append((text, stamp))
+        time.sleep(0.2)  # the last message's way to the tap
+    finally:
+        client.close()
+        seen = tap.stop()
+    return Summary.of([(seen[text] - stamp) / 1e6 for text, stamp in sent if text in seen])

@@ -221,7 +221,45 @@ def _section_limits(results: BenchResults) -> str:
                 raw_rows,
             ),
         ]
+    floors = _floor_rows(results)
+    if floors:
+        out += [
+            "",
+            "Latency floors: the process-to-process legs of a token's path, timed with no "
+            "tokenrelay code on either side, at one message per 20 ms (ms). A token crosses both "
+            "(the upstream to the worker, then the worker through Redis to the reader), so "
+            "their sum is what any relay through Redis pays on this machine at an idle pace.",
+            "",
+            table(["leg", "p50 ms", "p99 ms"], floors),
+        ]
     return "\n".join(out)
+
+
+def _floor_rows(results: BenchResults) -> list[list[str]]:
+    """The two legs, their sum, and tokenrelay's per-token latency at the same (lightest paced)
+    load."""
+    lim = results.limits
+    paced = [raw for raw in lim.raw_upstream.values() if raw.load.delay_ms > 0]
+    raw = min(paced, key=lambda r: r.load.concurrency, default=None)
+    legs: list[tuple[str, Summary]] = []
+    if raw is not None:
+        legs.append((f"the mock upstream -> a bare client ({raw.load.label})", raw.latency))
+    if lim.pubsub_hop is not None:
+        legs.append(("redis-py PUBLISH -> Redis -> a subscriber process", lim.pubsub_hop))
+    rows = [[name, _ms(leg.p50), _ms(leg.p99)] for name, leg in legs]
+    p50s = [leg.p50 for _, leg in legs if leg.p50 is not None]
+    if raw is not None and len(p50s) == 2:
+        rows.append(["both legs (sum of the p50s)", _ms(sum(p50s)), "-"])
+        live = results.live_result(raw.load.key)
+        if live is not None:
+            rows.append(
+                [
+                    f"tokenrelay's tok lat at {raw.load.label} (live scenarios)",
+                    _ms(live.latency.p50),
+                    _ms(live.latency.p99),
+                ]
+            )
+    return rows
 
 
 def _section_live(results: BenchResults) -> str:
