@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import requests
 
-from producer import Client, EventType, JobFailedError, Status
+from producer import Client, EventType, JobFailedError, Status, mock_upstream
 from producer.mock_upstream import generate
 from producer.protocol import Event
 from tests.conftest import Fleet, Mock, marker
@@ -110,6 +110,22 @@ def test_stop_sequence_ends_the_job_with_finish_reason_stop(client: Client) -> N
     expected, finish = generate(prompt, 30, [stop])
     assert token_text(events) == "".join(expected)
     assert finish == "stop" and events[-1].fields["finish_reason"] == "stop"
+
+
+def test_the_mock_answers_a_repeated_request_from_its_cache_as_generated() -> None:
+    """The mock keeps small requests' outputs (a benchmark sends one prompt many times); a
+    repeated request gets what ``generate`` gives, even if a caller changed its last copy."""
+    prompt = marker("cached") + " The"
+    stop = [generate(prompt, 30)[0][12].strip() or "zzz"]
+    hits = mock_upstream._cached.cache_info().hits
+    first, finish = mock_upstream._generated(prompt, 30, stop)
+    first.append("changed by a caller")
+    again = mock_upstream._generated(prompt, 30, stop)
+    assert again == (first[:-1], finish) == generate(prompt, 30, stop)
+    assert mock_upstream._cached.cache_info().hits == hits + 1
+    long_prompt = prompt * 1000  # too long to keep
+    assert mock_upstream._generated(long_prompt, 5, []) == generate(long_prompt, 5)
+    assert mock_upstream._cached.cache_info().hits == hits + 1
 
 
 def test_readers_that_join_early_midway_and_late_get_identical_events(client: Client) -> None:
