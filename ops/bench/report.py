@@ -226,7 +226,7 @@ def _section_limits(results: BenchResults) -> str:
         out += [
             "",
             "Latency floors: the process-to-process legs of a token's path, timed with no "
-            "tokenrelay code on either side, at one message per 20 ms (ms). A token crosses both "
+            "tokenrelay code on either side, at one message per 20 ms. A token crosses both "
             "(the upstream to the worker, then the worker through Redis to the reader), so "
             "their sum is what any relay through Redis pays on this machine at an idle pace.",
             "",
