@@ -179,7 +179,7 @@ def generate(context: str, max_tokens: int, stop: list[str] | None = None) -> tu
 #: Requests whose output is kept for the next identical one (benchmarks send one prompt many
 #: times): generating 200 tokens takes about 0.3 ms, spent before the first token is written.
 _GENERATED_CACHE: Final = 64
-_CACHED_CONTEXT: Final = 4096  # characters; longer contexts (and outputs) are not kept
+_CACHE_LIMIT: Final = 4096  # characters of context, tokens of output: larger ones are not kept
 
 
 @functools.lru_cache(maxsize=_GENERATED_CACHE)
@@ -190,7 +190,7 @@ def _cached(context: str, max_tokens: int, stop: tuple[str, ...]) -> tuple[tuple
 
 def _generated(context: str, max_tokens: int, stop: list[str]) -> tuple[list[str], str]:
     """``generate``, from a small cache when the request is small."""
-    if len(context) > _CACHED_CONTEXT or max_tokens > _CACHED_CONTEXT:
+    if len(context) > _CACHE_LIMIT or max_tokens > _CACHE_LIMIT:
         return generate(context, max_tokens, stop)
     tokens, finish = _cached(context, max_tokens, tuple(stop))
     return list(tokens), finish
