@@ -4,9 +4,14 @@ order, and the report has its columns. Speed is not checked here: ``make bench``
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ops.bench import BenchConfig, run_bench
+from ops.bench.fleet import BenchFleet
+from ops.bench.profile import profile_worker
+from ops.bench.readers import Load
 from ops.bench.report import LIVE_COLUMNS, render
 
 pytestmark = pytest.mark.slow
@@ -60,3 +65,14 @@ def test_the_smoke_run_loses_nothing_and_prints_the_table() -> None:
     assert _header_cells(text, "leg") == ["leg", "p50 ms", "p99 ms"]
     assert "| both legs (sum of the p50s)" in text
     assert "| tokenrelay's tok lat at 5 x 20 ms (live scenarios)" in text
+
+
+def test_the_worker_profile_runs_on_the_flusher_as_it_is(tmp_path: Path) -> None:
+    """``make bench`` profiles the worker by wrapping the flusher's send (the quick run skips the
+    profiles): a small run here, so a change to the flusher cannot break it unnoticed."""
+    with BenchFleet(tmp_path, mock_processes=1) as fleet:
+        profile = profile_worker(fleet, Load(1, 0, 5), jobs=3)
+    assert profile.tokens == 15
+    assert profile.us_per_token > 0 and (profile.us_without_publish or 0) > 0
+    functions = [spot.function for spot in profile.own_code + profile.hotspots]
+    assert any(name.startswith("worker/flusher.py") for name in functions), functions
