@@ -1056,7 +1056,7 @@ def test_raw_celery_jobs_with_hostile_ids_touch_no_key(
 _P = r"tr[a-z0-9_-]*"
 ALLOWED_KEYS = [
     re.compile(_P + r":job:\{(?P<id>[^{}]*)\}(?::log|:state|:lease)?"),
-    re.compile(_P + r"(?::running|\.jobs|:worker:[^{}*?\s]+)"),
+    re.compile(_P + r"(?::running|:queued|\.jobs|:worker:[^{}*?\s]+)"),
     re.compile(r"_kombu\.binding(?:_permanent)?\.(?:" + _P + r"\.jobs|celery\.pidbox)"),
     re.compile(r"_kombu\.binding_deadlines|unacked|unacked_index|unacked_mutex"),
 ]
