@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Final, TypeVar
+from dataclasses import dataclass, field, fields
+from typing import Any, Final, TypeVar
 
 from producer.protocol import DEFAULT_PREFIX, DIALECTS, ProtocolError, validate_prefix
 
@@ -154,6 +154,39 @@ def _boolean(raw: str) -> bool:
 _REDIS_SCHEMES: Final = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 
 
+def _upstream_url(raw: str) -> str:
+    return _url(("http", "https"))(raw).rstrip("/")
+
+
+#: The ``Settings`` fields read from one variable each, in the order they are read: the variable
+#: and how its value is read. A field's default is the dataclass's; the keys are read apart.
+_VARIABLES: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
+    "redis_url": ("TOKENRELAY_REDIS_URL", _url(_REDIS_SCHEMES)),
+    "broker_url": ("TOKENRELAY_BROKER_URL", str),
+    "prefix": ("TOKENRELAY_PREFIX", _prefix),
+    "upstream_url": ("TOKENRELAY_UPSTREAM_URL", _upstream_url),
+    "upstream_dialect": ("TOKENRELAY_UPSTREAM_DIALECT", _dialect),
+    "default_model": ("TOKENRELAY_DEFAULT_MODEL", str),
+    "job_ttl": ("TOKENRELAY_JOB_TTL", _positive(int)),
+    "max_prompt_bytes": ("TOKENRELAY_MAX_PROMPT_BYTES", _positive(int)),
+    "job_deadline": ("TOKENRELAY_JOB_DEADLINE", _positive(float)),
+    "connect_timeout": ("TOKENRELAY_UPSTREAM_CONNECT_TIMEOUT", _positive(float)),
+    "read_timeout": ("TOKENRELAY_UPSTREAM_READ_TIMEOUT", _positive(float)),
+    "lease_seconds": ("TOKENRELAY_LEASE_SECONDS", _positive(float)),
+    "max_attempts": ("TOKENRELAY_MAX_ATTEMPTS", _positive(int)),
+    "shutdown_grace": ("TOKENRELAY_SHUTDOWN_GRACE", _positive(float)),
+    "queued_grace": ("TOKENRELAY_QUEUED_GRACE", _positive(float)),
+    "upstream_retries": ("TOKENRELAY_UPSTREAM_RETRIES", _non_negative(int)),
+    "upstream_retry_wait": ("TOKENRELAY_UPSTREAM_RETRY_WAIT", _positive(float)),
+    "metrics_port": ("TOKENRELAY_METRICS_PORT", _non_negative(int)),
+    "heartbeat_seconds": ("TOKENRELAY_HEARTBEAT_SECONDS", _positive(float)),
+    "log_format": ("TOKENRELAY_LOG_FORMAT", _one_of(LOG_FORMATS)),
+    "cancel_on_disconnect": ("TOKENRELAY_CANCEL_ON_DISCONNECT", _boolean),
+    "keepalive_seconds": ("TOKENRELAY_KEEPALIVE_SECONDS", _positive(float)),
+    "max_body_bytes": ("TOKENRELAY_MAX_BODY_BYTES", _positive(int)),
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     """The whole configuration of producers, workers and the gateway."""
@@ -189,67 +222,13 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read every ``TOKENRELAY_*`` variable, failing with the variable's name."""
         env = os.environ if env is None else env
-        redis_url = _parse(env, "TOKENRELAY_REDIS_URL", DEFAULT_REDIS_URL, _url(_REDIS_SCHEMES))
-        return cls(
-            redis_url=redis_url,
-            broker_url=_parse(env, "TOKENRELAY_BROKER_URL", redis_url, str),
-            prefix=_parse(env, "TOKENRELAY_PREFIX", DEFAULT_PREFIX, _prefix),
-            upstream_url=_parse(
-                env, "TOKENRELAY_UPSTREAM_URL", DEFAULT_UPSTREAM_URL, _url(("http", "https"))
-            ).rstrip("/"),
-            upstream_dialect=_parse(env, "TOKENRELAY_UPSTREAM_DIALECT", DEFAULT_DIALECT, _dialect),
-            upstream_api_key=_read_key(env),
-            default_model=_parse(env, "TOKENRELAY_DEFAULT_MODEL", DEFAULT_MODEL, str),
-            job_ttl=_parse(env, "TOKENRELAY_JOB_TTL", DEFAULT_JOB_TTL, _positive(int)),
-            max_prompt_bytes=_parse(
-                env, "TOKENRELAY_MAX_PROMPT_BYTES", DEFAULT_MAX_PROMPT_BYTES, _positive(int)
-            ),
-            job_deadline=_parse(
-                env, "TOKENRELAY_JOB_DEADLINE", DEFAULT_JOB_DEADLINE, _positive(float)
-            ),
-            connect_timeout=_parse(
-                env,
-                "TOKENRELAY_UPSTREAM_CONNECT_TIMEOUT",
-                DEFAULT_CONNECT_TIMEOUT,
-                _positive(float),
-            ),
-            read_timeout=_parse(
-                env, "TOKENRELAY_UPSTREAM_READ_TIMEOUT", DEFAULT_READ_TIMEOUT, _positive(float)
-            ),
-            lease_seconds=_parse(
-                env, "TOKENRELAY_LEASE_SECONDS", DEFAULT_LEASE_SECONDS, _positive(float)
-            ),
-            max_attempts=_parse(
-                env, "TOKENRELAY_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, _positive(int)
-            ),
-            shutdown_grace=_parse(
-                env, "TOKENRELAY_SHUTDOWN_GRACE", DEFAULT_SHUTDOWN_GRACE, _positive(float)
-            ),
-            queued_grace=_parse(
-                env, "TOKENRELAY_QUEUED_GRACE", DEFAULT_QUEUED_GRACE, _positive(float)
-            ),
-            upstream_retries=_parse(
-                env, "TOKENRELAY_UPSTREAM_RETRIES", DEFAULT_UPSTREAM_RETRIES, _non_negative(int)
-            ),
-            upstream_retry_wait=_parse(
-                env, "TOKENRELAY_UPSTREAM_RETRY_WAIT", DEFAULT_UPSTREAM_RETRY_WAIT, _positive(float)
-            ),
-            metrics_port=_parse(
-                env, "TOKENRELAY_METRICS_PORT", DEFAULT_METRICS_PORT, _non_negative(int)
-            ),
-            heartbeat_seconds=_parse(
-                env, "TOKENRELAY_HEARTBEAT_SECONDS", DEFAULT_HEARTBEAT_SECONDS, _positive(float)
-            ),
-            log_format=_parse(env, "TOKENRELAY_LOG_FORMAT", "text", _one_of(LOG_FORMATS)),
-            api_keys=_read_gateway_keys(env),
-            cancel_on_disconnect=_parse(env, "TOKENRELAY_CANCEL_ON_DISCONNECT", True, _boolean),
-            keepalive_seconds=_parse(
-                env, "TOKENRELAY_KEEPALIVE_SECONDS", DEFAULT_KEEPALIVE_SECONDS, _positive(float)
-            ),
-            max_body_bytes=_parse(
-                env, "TOKENRELAY_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, _positive(int)
-            ),
-        )
+        defaults = {f.name: f.default for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for name, (variable, read) in _VARIABLES.items():
+            # The broker is the jobs' Redis unless it is set.
+            default = values["redis_url"] if name == "broker_url" else defaults[name]
+            values[name] = _parse(env, variable, default, read)
+        return cls(**values, upstream_api_key=_read_key(env), api_keys=_read_gateway_keys(env))
 
     @property
     def visibility_timeout(self) -> int:
@@ -259,33 +238,11 @@ class Settings:
 
 #: The variables ``Settings.from_env`` reads (for checks of deployment files).
 KNOWN_VARIABLES: Final = frozenset(
-    {
-        "TOKENRELAY_REDIS_URL",
-        "TOKENRELAY_BROKER_URL",
-        "TOKENRELAY_PREFIX",
-        "TOKENRELAY_UPSTREAM_URL",
-        "TOKENRELAY_UPSTREAM_DIALECT",
+    [variable for variable, _ in _VARIABLES.values()]
+    + [
         "TOKENRELAY_UPSTREAM_API_KEY",
         "TOKENRELAY_UPSTREAM_API_KEY_FILE",
-        "TOKENRELAY_DEFAULT_MODEL",
-        "TOKENRELAY_JOB_TTL",
-        "TOKENRELAY_MAX_PROMPT_BYTES",
-        "TOKENRELAY_JOB_DEADLINE",
-        "TOKENRELAY_UPSTREAM_CONNECT_TIMEOUT",
-        "TOKENRELAY_UPSTREAM_READ_TIMEOUT",
-        "TOKENRELAY_LEASE_SECONDS",
-        "TOKENRELAY_MAX_ATTEMPTS",
-        "TOKENRELAY_SHUTDOWN_GRACE",
-        "TOKENRELAY_QUEUED_GRACE",
-        "TOKENRELAY_UPSTREAM_RETRIES",
-        "TOKENRELAY_UPSTREAM_RETRY_WAIT",
-        "TOKENRELAY_METRICS_PORT",
-        "TOKENRELAY_HEARTBEAT_SECONDS",
-        "TOKENRELAY_LOG_FORMAT",
         "TOKENRELAY_API_KEYS",
         "TOKENRELAY_API_KEYS_FILE",
-        "TOKENRELAY_CANCEL_ON_DISCONNECT",
-        "TOKENRELAY_KEEPALIVE_SECONDS",
-        "TOKENRELAY_MAX_BODY_BYTES",
-    }
+    ]
 )
