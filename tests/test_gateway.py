@@ -8,10 +8,12 @@ import contextlib
 import http.client
 import json
 import logging
+import secrets
 import socket
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -26,11 +28,11 @@ from starlette.routing import Route
 
 from producer import AsyncClient, Client, EventType, Status
 from producer.devservers import asgi_in_thread
-from producer.gateway import compat
+from producer.gateway import compat, create_app
 from producer.gateway.feeds import Feeds, LogGone
 from producer.gateway.sse import EventStream
 from producer.mock_upstream import generate
-from producer.protocol import LOG_FIELD, decode, encode, log_entry_id, make_event
+from producer.protocol import LOG_FIELD, Keys, decode, encode, log_entry_id, make_event
 from tests.conftest import Fleet, Gateway, Mock, marker
 
 
@@ -823,3 +825,63 @@ def test_an_event_stream_that_fails_ends_and_says_why_in_the_log(
     assert [r.getMessage() for r in caplog.records] == [
         "an event stream ended before its job: job j: events 1 to 5 are gone"
     ]
+
+
+@pytest.mark.parametrize(
+    ("second", "text", "error"),
+    [
+        ([" a", " b", " c", " d"], " a b c d", None),  # says the same, and more
+        ([" a b", " c"], " a b c", None),  # the same text in other pieces
+        ([" a", " x", " c"], " a b", "restarted"),  # says something else
+        ([" a"], " a b", "restarted"),  # ends before what the client has
+    ],
+)
+def test_a_compat_stream_goes_on_through_a_restart_that_repeats_what_was_sent(
+    client: Client, second: list[str], text: str, error: str | None
+) -> None:
+    """A worker lost mid-stream: the job starts again (a ``restart`` event) after the client
+    got " a b". An OpenAI stream cannot take text back, so the gateway sends the new attempt's
+    text past what the client has while it repeats it, as a deterministic upstream does, and
+    ends the request with ``restarted`` from the first difference. Events written by hand, on a
+    prefix no worker serves."""
+    settings = replace(client.settings, prefix="trcompat" + secrets.token_hex(3))
+    keys = Keys(settings.prefix)
+
+    def write(job_id: str, seq: int, type_: EventType, **fields: Any) -> None:
+        data = encode(make_event(job_id, seq, type_, **fields))
+        client.redis.xadd(keys.log(job_id), {LOG_FIELD: data}, id=log_entry_id(seq))
+        client.redis.publish(keys.channel(job_id), data)
+
+    lines: list[bytes] = []
+    with asgi_in_thread(create_app(settings)) as url:
+        body = {"model": "mock", "prompt": marker("restart"), "max_tokens": 9, "stream": True}
+
+        def read() -> None:  # the gateway answers once the first token is there
+            response = requests.post(url + "/v1/completions", json=body, stream=True, timeout=15)
+            lines.extend(response.iter_lines())
+
+        reading = threading.Thread(target=read, daemon=True)
+        reading.start()
+        deadline = time.monotonic() + 10
+        while not (queued := client.redis.zrange(keys.queued, 0, -1)):
+            assert time.monotonic() < deadline, "the gateway created no job"
+            time.sleep(0.02)
+        job_id = queued[0].decode()
+        events = [(EventType.START, {"attempt": 1})]
+        events += [(EventType.TOKEN, {"text": t}) for t in (" a", " b")]
+        events += [(EventType.RESTART, {"attempt": 2}), (EventType.START, {"attempt": 2})]
+        events += [(EventType.TOKEN, {"text": t}) for t in second]
+        events += [(EventType.DONE, {"finish_reason": "length"})]
+        for seq, (type_, fields) in enumerate(events):
+            write(job_id, seq, type_, **fields)
+            time.sleep(0.01)
+        reading.join(15)
+    payloads = [line[len(b"data: ") :] for line in lines if line.startswith(b"data: ")]
+    assert payloads[-1] == b"[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    got = "".join(c["choices"][0]["text"] for c in chunks if c.get("choices"))
+    assert got == text
+    failures = [c["error"]["code"] for c in chunks if "error" in c]
+    assert failures == ([error] if error else [])
+    if not error:
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"

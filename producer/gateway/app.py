@@ -348,28 +348,48 @@ async def _compat_frames(
     """A job's events as one compatibility API's SSE frames, ending with ``[DONE]``; frames
     ready together go in one chunk, and a comment whenever ``keepalive`` seconds pass without
     one."""
-    tokens: list[str] = []
+    sent = ""  # the text this client has
+    count = 0  # token events of the current attempt
+    # After a restart: the new attempt's text so far, while it repeats what the client has.
+    again: str | None = None
     out = [frame(payload) for payload in form.first()]
 
     async def render(events: list[Event]) -> bool:
         """Add the events' frames to ``out``; whether the stream ends with them."""
+        nonlocal sent, count, again
         for event in events:
             if event.type is EventType.TOKEN:
-                tokens.append(event.text)
-                out.append(frame(form.token(event.text)))
-            elif event.type is EventType.RESTART and tokens:
-                # Tokens already sent cannot be taken back from this client: end its request.
-                await gateway.cancel_quietly(job.id)
-                out.append(frame(compat.error_payload(_restarted(job.id, event.seq))))
-                return True
+                count += 1
+                text = event.text
+                if again is not None:
+                    # Tokens already sent cannot be taken back from this client: the new
+                    # attempt goes on here only while it says the same (a deterministic
+                    # upstream does); from the first difference the request ends.
+                    again += text
+                    if sent.startswith(again):
+                        continue
+                    if not again.startswith(sent):
+                        return await restarted(event)
+                    text, again = again[len(sent) :], None
+                sent += text
+                out.append(frame(form.token(text)))
+            elif event.type is EventType.RESTART and sent:
+                again, count = "", 0
             elif event.type is EventType.DONE:
-                outcome = compat.Outcome.of("".join(tokens), event, len(tokens))
+                if again is not None and again != sent:
+                    return await restarted(event)  # the new attempt ended before the old
+                outcome = compat.Outcome.of(sent, event, count)
                 out.extend(frame(payload) for payload in form.finish(outcome))
                 return True
             elif event.terminal:
                 out.append(frame(compat.error_payload(event)))
                 return True
         return False
+
+    async def restarted(event: Event) -> bool:
+        await gateway.cancel_quietly(job.id)
+        out.append(frame(compat.error_payload(_restarted(job.id, event.seq))))
+        return True
 
     loop = asyncio.get_running_loop()
     quiet_until = loop.time() + keepalive
@@ -398,7 +418,11 @@ def _restarted(job_id: str, seq: int) -> Event:
         job_id,
         seq,
         EventType.ERROR,
-        {"code": "restarted", "message": "the job's worker was lost mid-stream; retry the request"},
+        {
+            "code": "restarted",
+            "message": "the job's worker was lost mid-stream and the job's new attempt said "
+            "something else; retry the request",
+        },
     )
 
 
