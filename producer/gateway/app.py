@@ -373,8 +373,10 @@ async def _compat_frames(
                     text, again = again[len(sent) :], None
                 sent += text
                 out.append(frame(form.token(text)))
-            elif event.type is EventType.RESTART and sent:
-                again, count = "", 0
+            elif event.type is EventType.RESTART:
+                count = 0  # the new attempt's tokens are counted from its start
+                if sent:
+                    again = ""
             elif event.type is EventType.DONE:
                 if again is not None and again != sent:
                     return await restarted(event)  # the new attempt ended before the old
