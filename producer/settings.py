@@ -154,8 +154,11 @@ def _boolean(raw: str) -> bool:
 _REDIS_SCHEMES: Final = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 
 
+_http_url: Final = _url(("http", "https"))
+
+
 def _upstream_url(raw: str) -> str:
-    return _url(("http", "https"))(raw).rstrip("/")
+    return _http_url(raw).rstrip("/")
 
 
 #: The ``Settings`` fields read from one variable each, in the order they are read: the variable

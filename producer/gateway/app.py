@@ -422,8 +422,8 @@ def _restarted(job_id: str, seq: int) -> Event:
         EventType.ERROR,
         {
             "code": "restarted",
-            "message": "the job's worker was lost mid-stream and the job's new attempt said "
-            "something else; retry the request",
+            "message": "the job's worker was lost mid-stream and its new attempt did not repeat "
+            "the text already sent; retry the request",
         },
     )
 
