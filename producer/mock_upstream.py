@@ -44,6 +44,10 @@ token count, i.e. just before the finish events. Error events use the OpenAI sha
 (total for all tokens), ``status``, ``error_after`` (a 500), ``drop_after`` (the body is cut off
 half-way), ``stall_after`` (no answer until the client leaves) and ``malformed_after`` (the body
 is not JSON).
+
+A stream with ``delay_ms`` keeps a steady cadence, as a server decoding at a fixed rate does:
+token i is due ``(i + 1) * delay_ms`` after the stream began. A late wake-up (the server waiting
+for a core, or for a slow client) delays the tokens that were due then, not every one after them.
 """
 
 from __future__ import annotations
@@ -950,6 +954,7 @@ class _Stream:
         self.chunker = _Chunker(call.faults.burst)
         self.sent: list[str] = []
         self.malformed = False
+        self.due: float | None = None  # when the next pause ends, on the event loop's clock
 
     async def body(self) -> AsyncGenerator[bytes, None]:
         try:
@@ -969,7 +974,12 @@ class _Stream:
         if isinstance(step, bytes):
             return self.chunker.add(step)
         if isinstance(step, float):
-            await asyncio.sleep(step)
+            # A steady cadence, as a server that decodes at a fixed rate: each pause ends
+            # ``step`` after the last one was due, not after it ended, so a late wake-up (this
+            # process waiting for a core) delays one token, not every token after it.
+            loop = asyncio.get_running_loop()
+            self.due = (self.due or loop.time()) + step
+            await asyncio.sleep(self.due - loop.time())
             return None
         if step is _Op.FLUSH:
             return self.chunker.flush()
@@ -1191,7 +1201,7 @@ async def _half_then_drop(body: bytes) -> AsyncGenerator[bytes, None]:
 
 
 def create_app(delay_ms: float = 0.0, api_key: str | None = None) -> Starlette:
-    """The mock upstream app; ``delay_ms`` is the default pause before each token."""
+    """The mock upstream app; ``delay_ms`` is the default time between tokens."""
     logging.getLogger("uvicorn.error").addFilter(_HIDE_DROPS)
     return Starlette(routes=_Upstream(delay_ms, api_key).routes())
 

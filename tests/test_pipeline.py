@@ -3,6 +3,8 @@ upstream over HTTP, and the producer library reading what a user would read."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import re
 import threading
 import time
@@ -10,8 +12,10 @@ from typing import Any
 
 import pytest
 import requests
+import sseclient
 
 from producer import Client, EventType, JobFailedError, Status, mock_upstream
+from producer.devservers import asgi_in_thread
 from producer.mock_upstream import generate
 from producer.protocol import Event
 from tests.conftest import Fleet, Mock, marker
@@ -126,6 +130,53 @@ def test_the_mock_answers_a_repeated_request_from_its_cache_as_generated() -> No
     long_prompt = prompt * 1000  # too long to keep
     assert mock_upstream._generated(long_prompt, 5, []) == generate(long_prompt, 5)
     assert mock_upstream._cached.cache_info().hits == hits + 1
+
+
+def test_the_mock_keeps_its_cadence_when_a_wake_up_comes_late() -> None:
+    """A paced stream's token i is due (i + 1) x delay after it began: a late wake-up (here the
+    server's loop blocked for 80 ms between two tokens) delays one token, not the rest. Paced
+    from each write instead, every later token would come 30 ms late, and a benchmark's upstream
+    would slow down whenever its own process waits for a core."""
+    inner = mock_upstream.create_app()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/_block":
+            time.sleep(0.08)  # holds the server's event loop, as a busy core would
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await inner(scope, receive, send)
+
+    delay_ms, count = 50, 10
+    body = {
+        "model": f"mock?delay_ms={delay_ms}&stamp=1",
+        "prompt": marker("cadence"),
+        "max_tokens": count,
+        "stream_tokens": True,
+    }
+    stamps: list[int] = []
+    with (
+        asgi_in_thread(app) as url,
+        requests.Session() as http,
+        http.post(url + "/inference", json=body, stream=True, timeout=10) as response,
+    ):
+        for event in sseclient.SSEClient(response.iter_content(None)).events():
+            if event.data == "[DONE]":
+                break
+            text = json.loads(event.data)["choices"][0]["text"]
+            if not text:  # the finish chunk
+                continue
+            index, stamp = re.fullmatch(r"\|(\d+):(\d+)", text).groups()  # type: ignore[union-attr]
+            assert int(index) == len(stamps)
+            stamps.append(int(stamp))
+            if len(stamps) == 3:
+                http.post(url + "/_block", timeout=10)
+    gaps_ms = [(b - a) / 1e6 for a, b in itertools.pairwise(stamps)]
+    assert len(stamps) == count
+    assert max(gaps_ms) > delay_ms + 20, f"the loop was not blocked past a token: {gaps_ms}"
+    # Token 9 is due 9 intervals after token 0: the late token's lag was not carried on.
+    span_ms = (stamps[-1] - stamps[0]) / 1e6
+    assert (count - 1) * delay_ms - 5 < span_ms < (count - 1) * delay_ms + 15, gaps_ms
 
 
 def test_readers_that_join_early_midway_and_late_get_identical_events(client: Client) -> None:

@@ -34,19 +34,20 @@ LIVE_COLUMNS = (
 )
 
 LIVE_DEFINITIONS = """\
-- scenario: streams at once x pause the upstream makes before each token; jobs of 200 tokens
-  (20 in the smoke run).
+- scenario: streams at once x the upstream's time between tokens (a steady cadence: token i is
+  due (i + 1) intervals after its stream began, however late the one before it was written);
+  jobs of 200 tokens (20 in the smoke run).
 - peak streams: the most jobs streaming at once, as the reader saw them (from a job's first
   token to its last); below N when the worker takes jobs more slowly than they end.
 - mode `loop` (full speed): each of the N lanes submits a new job as soon as its last one ends;
   tok/s counts tokens received after a warm-up. Mode `wave` (paced): N jobs submitted at once;
   tok/s counts tokens received while all N were streaming (from the last job's first token to
   the first job's last token). Medians over `runs`.
-- % ideal: paced, of N x 1000/pause tok/s; full speed, of what the mock upstream streams to a
+- % ideal: paced, of N x 1000/interval tok/s; full speed, of what the mock upstream streams to a
   bare client at the same load (the raw upstream limit below; with fewer slots than lanes, as
   many streams at once as the worker has slots).
 - TTFT+: from calling `AsyncClient.submit` to the first token in the reader, minus the
-  upstream's own pause before it. queued: the part of it from the job's creation to its claim
+  upstream's own interval before it. queued: the part of it from the job's creation to its claim
   by the worker (the state's `created` and `started`, ms resolution): the broker's queue and
   Celery's dispatch. tok lat: the reader's `time.time_ns()` at receipt minus the
   upstream's `time.time_ns()` stamp taken right before it wrote the token (same clock).
