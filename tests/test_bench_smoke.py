@@ -11,7 +11,7 @@ import pytest
 from ops.bench import BenchConfig, run_bench
 from ops.bench.fleet import BenchFleet
 from ops.bench.profile import profile_worker
-from ops.bench.readers import Load
+from ops.bench.readers import JobCheck, Load, Tally
 from ops.bench.report import LIVE_COLUMNS, render
 
 pytestmark = pytest.mark.slow
@@ -43,6 +43,11 @@ def test_the_smoke_run_loses_nothing_and_prints_the_table() -> None:
         assert live.latency.count == counts.tokens, label
         assert live.rate is not None and live.rate > 0, label
         assert 1 <= live.peak_streams <= live.load.concurrency, label
+        steady = live.steady_latency
+        if live.load.closed:
+            assert steady is None, label
+        elif steady is not None:  # a short wave may have no window where every job streamed
+            assert 0 < steady.count <= live.latency.count, label
     assert results.late and all(r.counts.clean for r in results.late)
     for fanout in results.fanout:
         assert fanout.connected == fanout.spec.readers
@@ -65,6 +70,34 @@ def test_the_smoke_run_loses_nothing_and_prints_the_table() -> None:
     assert _header_cells(text, "leg") == ["leg", "p50 ms", "p99 ms"]
     assert "| both legs (sum of the p50s)" in text
     assert "| tokenrelay's tok lat at 5 x 20 ms (live scenarios)" in text
+
+
+def _wave(received: dict[str, list[tuple[float, float]]]) -> Tally:
+    """A tally of jobs whose tokens arrived at (seconds, latency ms), in that order."""
+    tally = Tally()
+    for job, tokens in received.items():
+        check = JobCheck(len(tokens))
+        for index, (at_s, latency_ms) in enumerate(tokens):
+            now = int((1_000 + at_s) * 1e9)  # time_ns() is never near 0
+            tally.stamped(check, index, now - int(latency_ms * 1e6), now)
+        tally.end_job(job, check, "done")
+    return tally
+
+
+def test_a_waves_steady_latency_leaves_out_its_starts_and_ends() -> None:
+    """The report gives the per-token latency while every job of a wave streamed, apart from
+    the backlog of its starts: only tokens from the last job's first to the first job's last."""
+    tally = _wave(
+        {
+            "a": [(0.0, 50.0), (0.4, 2.0), (0.8, 2.0)],
+            "b": [(0.1, 2.0), (0.5, 3.0), (1.0, 40.0)],
+        }
+    )
+    assert sorted(tally.latency_ms) == [2.0, 2.0, 2.0, 3.0, 40.0, 50.0]
+    assert sorted(tally.steady_latency() or []) == [2.0, 2.0, 2.0, 3.0]
+    # Every job streaming for less than the shortest window measured: no figure, not a guess.
+    short = _wave({"a": [(0.0, 1.0), (0.8, 1.0)], "b": [(0.7, 1.0), (1.0, 1.0)]})
+    assert short.steady_window() is None and short.steady_latency() is None
 
 
 def test_the_worker_profile_runs_on_the_flusher_as_it_is(tmp_path: Path) -> None:

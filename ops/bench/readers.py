@@ -143,14 +143,29 @@ class Tally:
             return None
         return sum(1 for t in self.received_ns if start <= t <= end) / ((end - start) / 1e9)
 
+    def latency_between(self, start: int, end: int) -> list[float]:
+        """Per-token latencies (ms) of the tokens received between two ``time_ns`` values."""
+        return [
+            latency
+            for latency, received in zip(self.latency_ms, self.received_ns, strict=True)
+            if start <= received <= end
+        ]
+
+    def steady_latency(self) -> list[float] | None:
+        """Per-token latencies while every job of a wave was streaming (see ``steady_window``),
+        without its starts and ends; ``None`` when that window is too short to say."""
+        window = self.steady_window()
+        return None if window is None else self.latency_between(*window)
+
     def steady_window(self) -> tuple[int, int] | None:
         """From the moment the last job's first token arrived to the moment the first job's
-        last token did: while every job of a wave was streaming."""
+        last token did: while every job of a wave was streaming; ``None`` if that lasted less
+        than ``MIN_WINDOW_S``."""
         if not self.spans:
             return None
         start = max(first for first, _, _ in self.spans)
         end = min(last for _, last, _ in self.spans)
-        return (start, end) if end > start else None
+        return (start, end) if end - start >= MIN_WINDOW_S * 1e9 else None
 
     def peak_streams(self) -> int:
         """The most jobs streaming at once, as the reader saw them (first to last token)."""
@@ -341,7 +356,7 @@ def rate_of(tally: Tally, load: Load, start_ns: int) -> float | None:
             start_ns + int(load.warmup_s * 1e9), start_ns + int(load.duration_s * 1e9)
         )
     window = tally.steady_window()
-    if window is not None and window[1] - window[0] >= MIN_WINDOW_S * 1e9:
+    if window is not None:
         return tally.rate_between(*window)
     if not tally.spans:
         return None

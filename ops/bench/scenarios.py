@@ -70,6 +70,8 @@ class LiveResult:
     job_ids: list[str]
     worker_problems: dict[str, int]  # what the worker's log reports, by kind
     peak_streams: int = 0  # the most jobs streaming at once (max over runs)
+    # Paced waves: per-token latency while every job streamed (without the wave's starts).
+    steady_latency: Summary | None = None
 
     @property
     def rss_per_stream_kib(self) -> float:
@@ -167,7 +169,16 @@ async def _live(fleet: BenchFleet, worker_pid: int, load: Load, runs: int) -> Li
         job_ids=[job_id for t in tallies for job_id in t.job_ids],
         worker_problems={},
         peak_streams=max(t.peak_streams() for t in tallies),
+        steady_latency=_steady_latency(load, tallies),
     )
+
+
+def _steady_latency(load: Load, tallies: list[Tally]) -> Summary | None:
+    """Medians over the runs that had a window where every job streamed (paced waves only)."""
+    if load.closed:
+        return None
+    steady = [latencies for t in tallies if (latencies := t.steady_latency()) is not None]
+    return Summary.median_of([Summary.of(latencies) for latencies in steady]) if steady else None
 
 
 @dataclass
