@@ -1,10 +1,9 @@
 """One flusher per worker process: every stream's buffered events go to Redis in one pipeline.
 
 Streams never talk to Redis for their tokens. A stream appends each event to its publisher's
-buffer and marks the publisher dirty; the flusher (a thread, a greenlet under gevent) wakes, lets
-whatever else is ready run first, then sends one ``EVALSHA`` of the ``PUBLISH_MANY`` script per
-``JOBS_PER_CALL`` dirty jobs, all of them in one write, and reads the replies (one per job in
-each call's reply). Nothing waits for a batch to fill: a lone token goes out on the next turn of
+buffer and marks the publisher dirty; the flusher (a thread, a greenlet under gevent) wakes and
+sends one ``EVALSHA`` of the ``PUBLISH_MANY`` script per ``JOBS_PER_CALL`` dirty jobs, all of
+them in one write, and reads the replies (one per job in each call's reply). Nothing waits for a batch to fill: a lone token goes out on the next turn of
 the loop, and what arrives while a round trip is in flight goes out on the one after. One round
 trip is shared by every stream with something to send, and the commands are packed here from
 pre-encoded pieces instead of by redis-py's generic packer, which was the largest part of a
@@ -142,8 +141,6 @@ class Flusher:
             while not self._stopping:
                 self._wake.wait(1.0)
                 self._wake.clear()
-                # Let every stream that is ready run first: what they buffer joins this turn.
-                time.sleep(0)
                 while self._dirty:
                     boxes = list(self._dirty)
                     self._dirty.clear()
