@@ -1,13 +1,13 @@
 """One flusher per worker process: every stream's buffered events go to Redis in one pipeline.
 
-Streams never talk to Redis for their tokens. A stream appends each event to its publisher's
-buffer and marks the publisher dirty; the flusher (a thread, a greenlet under gevent) wakes and
-sends one ``EVALSHA`` of the ``PUBLISH_MANY`` script per ``JOBS_PER_CALL`` dirty jobs, all of
-them in one write, and reads the replies (one per job in each call's reply). Nothing waits for a batch to fill: a lone token goes out on the next turn of
-the loop, and what arrives while a round trip is in flight goes out on the one after. One round
-trip is shared by every stream with something to send, and the commands are packed here from
-pre-encoded pieces instead of by redis-py's generic packer, which was the largest part of a
-token's CPU.
+Streams never talk to Redis for their tokens. A stream appends each event to its publisher's buffer
+and marks the publisher dirty; the flusher (a thread, a greenlet under gevent) wakes and sends one
+``EVALSHA`` of the ``PUBLISH_MANY`` script per ``JOBS_PER_CALL`` dirty jobs, all of them in one
+write, and reads the replies (one per job in each call's reply). Nothing waits for a batch to fill:
+a lone token goes out on the next turn of the loop, and what arrives while a round trip is in
+flight goes out on the one after. One round trip is shared by every stream with something to send,
+and the commands are packed here from pre-encoded pieces instead of by redis-py's generic packer,
+which was the largest part of a token's CPU.
 
 One call for many jobs instead of one per job: Redis's cost per call (parsing it, finding the
 script, setting up Lua) and the flusher's cost per reply are shared by the call's jobs; calls are
