@@ -974,9 +974,7 @@ class _Stream:
         if isinstance(step, bytes):
             return self.chunker.add(step)
         if isinstance(step, float):
-            # A steady cadence, as a server that decodes at a fixed rate: each pause ends
-            # ``step`` after the last one was due, not after it ended, so a late wake-up (this
-            # process waiting for a core) delays one token, not every token after it.
+            # Due ``step`` after the last pause was due, not after it ended (a steady cadence).
             loop = asyncio.get_running_loop()
             self.due = (self.due or loop.time()) + step
             await asyncio.sleep(self.due - loop.time())

@@ -100,7 +100,7 @@ class StateField(StrEnum):
 
 def validate_job_id(job_id: object) -> str:
     """Return ``job_id`` if it is a valid job id (letters, digits, ``-``, ``_``; 1 to 64)."""
-    if not isinstance(job_id, str) or not JOB_ID_PATTERN.fullmatch(job_id):
+    if not isinstance(job_id, str) or not _valid_job_id(job_id):
         raise ProtocolError("job_id: must be 1 to 64 characters of letters, digits, '-' and '_'")
     return job_id
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Final
 
 from producer.protocol import DIALECTS
@@ -63,7 +63,7 @@ class JobSpec:
         """JSON-ready form, the inverse of ``from_dict``; fields left unset are omitted."""
         # Every field is a str, a number, None or a tuple: no deep copy needed (``asdict``
         # deep-copied each field, a tenth of a submit's CPU).
-        data = {name: getattr(self, name) for name in self.__slots__}
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["stop"] = list(self.stop)
         if self.messages is not None:
             data["messages"] = [{"role": m.role, "content": m.content} for m in self.messages]

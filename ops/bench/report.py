@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ops.bench.fanout import FanoutResult
+from ops.bench.limits import HOP_INTERVAL_S
 from ops.bench.profile import Profile
 from ops.bench.run import BenchResults
 from ops.bench.scenarios import LiveResult
@@ -227,7 +228,8 @@ def _section_limits(results: BenchResults) -> str:
         out += [
             "",
             "Latency floors: the process-to-process legs of a token's path, timed with no "
-            "tokenrelay code on either side, at one message per 20 ms. A token crosses both "
+            f"tokenrelay code on either side, at one message per {HOP_INTERVAL_S * 1000:g} ms. "
+            "A token crosses both "
             "(the upstream to the worker, then the worker through Redis to the reader), so "
             "their sum is what any relay through Redis pays on this machine at an idle pace.",
             "",
